@@ -1,0 +1,55 @@
+"""The command-line flags every driver shares (SPEC.md, "Drivers") and the one way drivers report user errors."""
+import argparse
+import contextlib
+import sys
+
+from . import UserError
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    return value
+
+
+def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
+    """A parser holding the common flags, with the driver's defaults (the assignment's settings)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = parser.add_argument_group('common to every driver')
+    common.add_argument('--data-dir', default='./data',
+                        help='folder holding the standard dataset files, or where torchvision downloads them')
+    common.add_argument('--no-download', action='store_true',
+                        help='never touch the network: exit at once if a dataset file is missing')
+    common.add_argument('--out-dir', default=out_dir, help='the run folder (config, metrics, figures, checkpoint)')
+    common.add_argument('--epochs', type=positive_int, default=epochs, help='training epochs')
+    common.add_argument('--batch-size', type=positive_int, default=batch_size, help='training batch size')
+    common.add_argument('--lr', type=positive_float, default=lr, help='learning rate')
+    common.add_argument('--seed', type=int, default=seed, help='seed of every random number generator')
+    common.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                        help='where to train; auto = cuda when available')
+    common.add_argument('--limit-train', type=positive_int, default=None, metavar='N',
+                        help='use only the first N training images (smoke tests, CPU runs); default: all')
+    common.add_argument('--limit-test', type=positive_int, default=None, metavar='N',
+                        help='use only the first N test images; default: all')
+    common.add_argument('--resume', action='store_true',
+                        help="continue from the run folder's checkpoint (after its last finished epoch)")
+    return parser
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a UserError into one line on stderr and exit status 2; let real bugs keep their traceback."""
+    try:
+        yield
+    except UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,211 @@
+"""One run = one folder: config.json, metrics.jsonl, figures, checkpoint.pt and summary.json (SPEC.md).
+
+Checkpoints are self-describing (model name and config, weights, optimizer, epoch, every RNG state) so a model can
+be rebuilt without the training script, and they are written atomically (temp file + os.replace) so a crash while
+saving leaves the previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint is data,
+never code.
+"""
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import UserError
+
+CHECKPOINT = 'checkpoint.pt'
+CHECKPOINT_FORMAT = 'studylib-checkpoint-v1'
+
+
+def git_commit():
+    """The code version: the commit hash, with '-dirty' when the tree has uncommitted changes; None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ('-dirty' if dirty else '')) if sha else None
+
+
+def pick_device(name):
+    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a user error, not a silent fallback."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto')
+    return torch.device(name)
+
+
+def device_description(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def rng_state():
+    """Every global RNG state, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {
+        'python': random.getstate(),
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuples(state['python']))
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _as_tuples(x):
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class RunDir:
+    """The run folder. Nothing is written until `start()` has checked that this start cannot clobber a run."""
+
+    def __init__(self, path):
+        self.path = path
+        self.checkpoint_path = os.path.join(path, CHECKPOINT)
+        self.metrics_path = os.path.join(path, 'metrics.jsonl')
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def start(self, config, resume):
+        """Check the folder against --resume; on a fresh start write config.json. Returns the checkpoint or None.
+
+        A fresh start refuses a folder that already holds a checkpoint (it would be overwritten); a resume needs
+        one, and refuses one that is unreadable or was made by another model or model config.
+        """
+        if resume:
+            if not os.path.exists(self.checkpoint_path):
+                raise UserError(f'--resume: no checkpoint at {self.checkpoint_path}; '
+                                f'start without --resume, or point --out-dir at the run to continue')
+            ckpt = load_checkpoint(self.checkpoint_path)
+            if ckpt['model_name'] != config['model'] or ckpt['model_config'] != config['model_config']:
+                raise UserError(f'--resume: {self.checkpoint_path} holds a {ckpt["model_name"]} with config '
+                                f'{ckpt["model_config"]}, but this run asks for a {config["model"]} with '
+                                f'{config["model_config"]}; use the same model flags or another --out-dir')
+            self.truncate_metrics(ckpt['epoch'])
+            self.write_json('config.json', config)
+            return ckpt
+        if os.path.exists(self.checkpoint_path):
+            raise UserError(f'{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, '
+                            f'or choose another --out-dir')
+        os.makedirs(self.path, exist_ok=True)
+        if os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run's log must not continue an aborted run's rows
+        self.write_json('config.json', config)
+        return None
+
+    def write_json(self, name, obj):
+        tmp = self.file(name + '.tmp')
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write('\n')
+        os.replace(tmp, self.file(name))
+
+    def log_metrics(self, row):
+        with open(self.metrics_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+    def read_metrics(self):
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_metrics(self, epoch):
+        """Keep the rows up to `epoch`: rows logged after the last checkpoint belong to lost work."""
+        rows = [r for r in self.read_metrics() if r['epoch'] <= epoch]
+        tmp = self.metrics_path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+        os.replace(tmp, self.metrics_path)
+
+    def save_checkpoint(self, **state):
+        save_checkpoint(self.checkpoint_path, **state)
+
+    def write_summary(self, model, figures, metrics):
+        """summary.json: what the report builder reads. Figures live in the run folder, named relative to it."""
+        figures = {qid: [os.path.basename(p) for p in paths] for qid, paths in figures.items()}
+        self.write_json('summary.json', {'model': model, 'figures': figures, 'metrics': metrics})
+
+
+def make_config(args, model, model_config, device):
+    """config.json's content: every command-line setting plus what is needed to reproduce the run."""
+    return {
+        'model': model,
+        'model_config': model_config,
+        'args': vars(args),
+        'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        'git_commit': git_commit(),
+        'torch_version': torch.__version__,
+        'python_version': platform.python_version(),
+        'device': str(device),
+        'device_name': device_description(device),
+        'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    }
+
+
+def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, extra=None):
+    """Write atomically: a reader (or a crash) never sees a half-written checkpoint.pt."""
+    state = {
+        'format': CHECKPOINT_FORMAT,
+        'model_name': model_name,
+        'model_config': model_config,
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'epoch': epoch,
+        'rng': rng_state(),
+        'extra': extra or {},
+    }
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint; anything else is refused with one line."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, pickled code: all land here
+        raise UserError(f'checkpoint {path} is unreadable, truncated or not a checkpoint '
+                        f'({type(exc).__name__}); it was left untouched: delete it to start over') from exc
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise UserError(f'{path} is not a checkpoint of this project (no {CHECKPOINT_FORMAT} marker); '
+                        f'it was left untouched')
+    return ckpt
+
+
+def restore(ckpt, model, optimizer=None):
+    """Load weights (and optimizer, RNG states) from a checkpoint dict; mismatched weights -> UserError."""
+    try:
+        model.load_state_dict(ckpt['model'])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f'checkpoint weights do not fit the model ({str(exc).splitlines()[0]}); '
+                        f'it was left untouched') from exc
+    set_rng_state(ckpt['rng'])

@@ -1,0 +1,259 @@
+"""Train the Problem 1 VAE on SVHN and write every Problem 1 figure and number into one run folder.
+
+    python train_vae.py                              # the assignment: 30 epochs, Adam 1e-4, batch 64, z_dim 32
+    python train_vae.py --epochs 2 --limit-train 512 --limit-test 256 --out-dir runs/vae-smoke
+
+Figures (question ids of the seed): 1.3a training time, 1.3b prior samples during training, 1.3c reconstructions
+during training, 1.3d final samples, 1.3e per-class latent profiles, 1.3f latent interpolations. Metrics: per-epoch
+rows in metrics.jsonl; summary.json holds the final ones, among them the importance-sampled test log-likelihood.
+"""
+import json
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from studylib.cli import make_parser, positive_int, user_errors
+from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
+from studylib.plots import save_image_grid, save_time_figure
+from studylib.run import RunDir, make_config, pick_device, restore, seed_everything
+from studylib import UserError
+import vae_solution
+
+EVAL_BATCH = 500
+NUM_PIXELS = 3 * 32 * 32
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/vae', epochs=30,
+                         batch_size=vae_solution.train_batch_size, lr=vae_solution.lr)
+    vae = parser.add_argument_group('VAE study')
+    vae.add_argument('--z-dim', type=positive_int, default=vae_solution.z_dim, help='latent dimensions')
+    vae.add_argument('--sample-every', type=positive_int, default=5,
+                     help='save the 1.3b samples and 1.3c reconstructions every N epochs (and after the last)')
+    vae.add_argument('--ll-k', type=positive_int, default=100,
+                     help='importance samples per test image for the final log-likelihood (1.3 metrics)')
+    vae.add_argument('--profile-per-class', type=positive_int, default=100,
+                     help='training images per digit averaged in the 1.3e latent profile')
+    return parser.parse_args(argv)
+
+
+def bits_per_dim(log_likelihood_nats):
+    """Nats per image of a density on [-1, 1]^D -> bits per dimension of the 8-bit images it models.
+
+    A pixel value p in {0..255} is stored as x = p/127.5 - 1, so each discrete level owns a bin of width
+    2/255 in x; P(pixel level) ~= p(x) * 2/255 per dimension, hence bpd = (-log p(x)/D + log 127.5) / log 2.
+    """
+    return (-log_likelihood_nats / NUM_PIXELS + math.log(127.5)) / math.log(2)
+
+
+@torch.no_grad()
+def evaluate_elbo(model, images):
+    """Mean -log p(x|z) and KL over `images` (uint8 on the model's device), one z draw per image."""
+    model.eval()
+    nll_sum = kl_sum = 0.0
+    for idx in batch_indices(len(images), EVAL_BATCH, shuffle=False):
+        _, nll, kl = model(to_unit_range(images[idx]))
+        nll_sum += nll.sum()
+        kl_sum += kl.sum()
+    return float(nll_sum) / len(images), float(kl_sum) / len(images)
+
+
+@torch.no_grad()
+def test_log_likelihood(model, images, K):
+    """Mean importance-sampled log p(x) (nats per image) over `images`."""
+    model.eval()
+    total = 0.0
+    for idx in tqdm(batch_indices(len(images), EVAL_BATCH, shuffle=False), desc=f'test log-likelihood, K={K}',
+                    leave=False):
+        total += model.log_likelihood(to_unit_range(images[idx]), K=K).sum()
+    return float(total) / len(images)
+
+
+@torch.no_grad()
+def save_progress_figures(model, run, epoch, fixed_z, fixed_x):
+    """1.3b (decoded fixed prior draws) and 1.3c (fixed test images above their reconstructions)."""
+    model.eval()
+    samples = model.decode(fixed_z).mode()                                    # (64, 3, 32, 32)
+    x = to_unit_range(fixed_x)                                                # (24, 3, 32, 32)
+    recon = model.decode(model.encode(x).mode()).mode()
+    rows = torch.cat([torch.stack([x[i:i + 8], recon[i:i + 8]]) for i in range(0, len(x), 8)])  # orig/recon rows
+    b = save_image_grid(samples, run.file(f'1.3b_samples_epoch{epoch:03d}.png'),
+                        f'Samples from 64 fixed prior draws z ~ N(0, I), epoch {epoch}')
+    c = save_image_grid(rows.flatten(0, 1), run.file(f'1.3c_reconstructions_epoch{epoch:03d}.png'),
+                        f'Test images and their reconstructions (decoder mean at the posterior mean), epoch {epoch}',
+                        row_labels=['original', 'reconstruction'] * (len(x) // 8))
+    return b, c
+
+
+@torch.no_grad()
+def save_latent_profiles(model, images, labels, per_class, run, epoch):
+    """1.3e: mean posterior mean of `per_class` training images of each digit, one bar plot per digit."""
+    import matplotlib.pyplot as plt
+    model.eval()
+    idx = first_per_class(labels.cpu(), per_class).to(images.device)
+    mu = torch.cat([model.encode(to_unit_range(images[idx[b]])).mean
+                    for b in batch_indices(len(idx), EVAL_BATCH, shuffle=False)])   # (10*per_class, z)
+    profile = mu.view(10, per_class, -1).mean(1).cpu()                         # (10, z)
+    z_dim = profile.shape[1]
+    limit = 1.1 * float(profile.abs().max())
+    fig, axes = plt.subplots(2, 5, figsize=(15, 5.6), sharey=True)
+    top = {}
+    for digit, ax in enumerate(axes.flat):
+        values = profile[digit]
+        spikes = values.abs().argsort(descending=True)[:3].tolist()
+        top[digit] = [[d, round(float(values[d]), 4)] for d in spikes]
+        colors = ['tab:red' if d in spikes else 'tab:blue' for d in range(z_dim)]
+        ax.bar(range(z_dim), values.numpy(), color=colors)
+        for d in spikes:
+            ax.annotate(str(d), (d, float(values[d])), ha='center', fontsize=7,
+                        va='bottom' if values[d] >= 0 else 'top')
+        ax.axhline(0, color='black', linewidth=0.5)
+        ax.set_ylim(-limit, limit)
+        ax.set_title(f'digit {digit}', fontsize=10)
+        ax.set_xlabel('latent dimension')
+    for ax in axes[:, 0]:
+        ax.set_ylabel('mean of posterior means')
+    fig.suptitle(f'Latent profile per digit: average posterior mean of {per_class} training images each, '
+                 f'epoch {epoch} (red, numbered: the 3 largest |mean| dimensions)', fontsize=11)
+    fig.tight_layout()
+    path = run.file('1.3e_latent_profiles.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    with open(run.file('1.3e_latent_profiles.json'), 'w') as f:
+        json.dump({'per_class': per_class, 'profile': profile.tolist(), 'top_dims': top}, f, indent=1)
+    return path
+
+
+@torch.no_grad()
+def save_interpolations(model, test_images, test_labels, run, epoch, generator, n_points=10):
+    """1.3f: rows decoding n_points from z_1 to z_2, for pairs of test posterior means and pairs of prior draws."""
+    model.eval()
+    pairs = [(0, 4), (1, 5), (2, 6), (3, 7)]
+    mu = model.encode(to_unit_range(test_images[:8])).mean                        # (8, z)
+    rows, labels = [], []
+    for a, b in pairs:
+        rows.append(vae_solution.interpolate(model, mu[a:a + 1], mu[b:b + 1], n_points))
+        labels.append(f'test {int(test_labels[a])} -> {int(test_labels[b])}')
+    z = torch.randn(8, model.z_dim, generator=generator).to(mu.device)
+    for i in range(4):
+        rows.append(vae_solution.interpolate(model, z[2 * i:2 * i + 1], z[2 * i + 1:2 * i + 2], n_points))
+        labels.append(f'prior pair {i + 1}')
+    return save_image_grid(torch.cat(rows), run.file('1.3f_interpolations.png'),
+                           f'Decoded linear interpolations z_1 -> z_2 ({n_points} points, ends included), '
+                           f'epoch {epoch}', nrow=n_points, row_labels=labels)
+
+
+def train(args):
+    # ---- setup
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+
+    # ---- data first: a missing file must fail in seconds, before the run folder is touched
+    train_x, train_y = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
+    test_x, test_y = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
+    if args.batch_size > len(train_x):
+        raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    if len(test_x) < 8:
+        raise UserError(f'the figures need at least 8 test images, got {len(test_x)} (--limit-test)')
+
+    model_config = dict(in_channels=vae_solution.input_channels, encoder_features=32, decoder_features=32,
+                        z_dim=args.z_dim, input_size=vae_solution.image_size)
+    run = RunDir(args.out_dir)
+    config = make_config(args, 'vae', model_config, device)
+    print(json.dumps(config, indent=2, default=str))
+    ckpt = run.start(config, args.resume)
+
+    # ---- model and optimizer
+    model = vae_solution.VAE(**model_config, device=device).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    print(f'VAE: {sum(p.numel() for p in model.parameters()):,} parameters; '
+          f'{len(train_x)} train / {len(test_x)} test images on {device}')
+
+    # Fixed inputs of the progress figures, so that grids of different epochs are comparable.
+    figure_rng = torch.Generator().manual_seed(args.seed)
+    fixed_z = torch.randn(64, args.z_dim, generator=figure_rng).to(device)
+    fixed_x = test_x[:24 if len(test_x) >= 24 else 8].to(device)
+    order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
+    figures = {'1.3b': [], '1.3c': []}
+    start_epoch = 1
+    if ckpt is not None:
+        restore(ckpt, model, optimizer)
+        order_rng.set_state(ckpt['extra']['order_rng'])
+        figures = ckpt['extra']['figures']
+        start_epoch = ckpt['epoch'] + 1
+        print(f'resumed from {run.checkpoint_path} after epoch {ckpt["epoch"]}')
+    train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
+
+    # ---- training loop
+    for epoch in tqdm(range(start_epoch, args.epochs + 1), desc='epochs', initial=start_epoch - 1,
+                      total=args.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, device=device)   # loss, nll, kl summed over images; read once per epoch
+        for idx in tqdm(batch_indices(len(train_x), args.batch_size, order_rng), desc=f'epoch {epoch}',
+                        leave=False):
+            x = to_unit_range(train_x[idx.to(device)])                      # (B, 3, 32, 32) in [-1, 1]
+            _, nll, kl = model(x)                                            # (B,), (B,)
+            loss = (nll + kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()])
+        train_loss, train_nll, train_kl = (sums / len(train_x)).tolist()   # one host sync per epoch
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise UserError(f'the training loss became {train_loss} in epoch {epoch}; the last good checkpoint '
+                            f'(epoch {epoch - 1}) is kept in {run.path}')
+
+        test_nll, test_kl = evaluate_elbo(model, test_x)
+        row = dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
+                   test_nll=test_nll, test_kl=test_kl, test_neg_elbo=test_nll + test_kl, seconds=seconds)
+        run.log_metrics(row)
+        tqdm.write(f'epoch {epoch}: train loss {train_loss:.2f} (nll {train_nll:.2f}, kl {train_kl:.2f}), '
+                   f'test -ELBO {test_nll + test_kl:.2f}, {seconds:.1f} s')
+        if epoch % args.sample_every == 0 or epoch == args.epochs:
+            b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)
+            figures['1.3b'].append(b)
+            figures['1.3c'].append(c)
+        run.save_checkpoint(model_name='vae', model_config=model_config, model=model, optimizer=optimizer,
+                            epoch=epoch, extra={'order_rng': order_rng.get_state(), 'figures': figures})
+
+    # ---- final figures and metrics
+    rows = run.read_metrics()
+    epoch = rows[-1]['epoch']
+    figures['1.3a'] = [save_time_figure([r['epoch'] for r in rows], [r['seconds'] for r in rows],
+                                        run.file('1.3a_training_time.png'),
+                                        f'VAE training wall-clock time on {config["device_name"]} '
+                                        f'({len(train_x)} SVHN images per epoch)')]
+    model.eval()
+    torch.manual_seed(args.seed)
+    figures['1.3d'] = [save_image_grid(model.sample(64), run.file('1.3d_final_samples.png'),
+                                       f'64 samples from the VAE after {epoch} epochs '
+                                       f'(decoder mean of z ~ N(0, I))')]
+    figures['1.3e'] = [save_latent_profiles(model, train_x, train_y, args.profile_per_class, run, epoch)]
+    figures['1.3f'] = [save_interpolations(model, test_x, test_y, run, epoch, figure_rng)]
+    ll = test_log_likelihood(model, test_x, args.ll_k)
+    last = rows[-1]
+    metrics = dict(epochs=epoch, num_train=len(train_x), num_test=len(test_x),
+                   final_train_loss=last['train_loss'], final_test_neg_elbo=last['test_neg_elbo'],
+                   final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
+                   test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
+                   train_seconds_total=sum(r['seconds'] for r in rows),
+                   seconds_per_epoch_mean=sum(r['seconds'] for r in rows) / len(rows),
+                   device=config['device_name'])
+    run.write_summary('vae', {k: figures[k] for k in sorted(figures)}, metrics)
+    print(json.dumps(metrics, indent=2))
+    print(f'run folder: {run.path}')
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors():
+        return train(args)
+
+
+if __name__ == '__main__':
+    main()
