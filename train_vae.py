@@ -9,6 +9,8 @@ rows in metrics.jsonl; summary.json holds the final ones, among them the importa
 """
 import json
 import math
+import shlex
+import sys
 import time
 
 import torch
@@ -145,7 +147,7 @@ def save_interpolations(model, test_images, test_labels, run, epoch, generator, 
                            f'epoch {epoch}', nrow=n_points, row_labels=labels)
 
 
-def train(args):
+def train(args, command='python train_vae.py'):
     # ---- setup
     device = pick_device(args.device)
     seed_everything(args.seed)
@@ -161,7 +163,7 @@ def train(args):
     model_config = dict(in_channels=vae_solution.input_channels, encoder_features=32, decoder_features=32,
                         z_dim=args.z_dim, input_size=vae_solution.image_size)
     run = RunDir(args.out_dir)
-    config = make_config(args, 'vae', model_config, device)
+    config = make_config(args, 'vae', model_config, device, command)
     print(json.dumps(config, indent=2, default=str))
     ckpt = run.start(config, args.resume)
 
@@ -250,9 +252,10 @@ def train(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     with user_errors():
-        return train(args)
+        return train(args, shlex.join(['python', 'train_vae.py', *argv]))
 
 
 if __name__ == '__main__':

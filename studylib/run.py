@@ -10,7 +10,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -153,13 +152,13 @@ class RunDir:
         self.write_json('summary.json', {'model': model, 'figures': figures, 'metrics': metrics})
 
 
-def make_config(args, model, model_config, device):
+def make_config(args, model, model_config, device, command):
     """config.json's content: every command-line setting plus what is needed to reproduce the run."""
     return {
         'model': model,
         'model_config': model_config,
         'args': vars(args),
-        'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        'command': command,
         'git_commit': git_commit(),
         'torch_version': torch.__version__,
         'python_version': platform.python_version(),

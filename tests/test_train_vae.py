@@ -1,0 +1,129 @@
+"""train_vae.py end to end on real SVHN files from DATA_DIR (tiny sizes), and its refusals of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train_vae
+from tests.conftest import ROOT
+
+TINY = ['--limit-train', '160', '--limit-test', '48', '--batch-size', '32', '--ll-k', '2',
+        '--profile-per-class', '2', '--sample-every', '1', '--no-download', '--device', 'cpu']
+
+
+def run_driver(data_dir, out_dir, *extra):
+    return train_vae.main(['--data-dir', data_dir, '--out-dir', str(out_dir), *TINY, *extra])
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'train_vae.py'), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope='module')
+def two_epoch_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('vae') / 'run'
+    metrics = run_driver(data_dir, out, '--epochs', '2')
+    return out, metrics
+
+
+def test_every_figure_and_metric(two_epoch_run):
+    out, metrics = two_epoch_run
+    summary = json.load(open(out / 'summary.json'))
+    assert summary['model'] == 'vae'
+    assert sorted(summary['figures']) == ['1.3a', '1.3b', '1.3c', '1.3d', '1.3e', '1.3f']
+    assert len(summary['figures']['1.3b']) == 2 and len(summary['figures']['1.3c']) == 2  # every epoch here
+    for paths in summary['figures'].values():
+        for rel in paths:
+            with Image.open(out / rel) as im:
+                im.verify()
+                assert im.format == 'PNG'
+    m = summary['metrics']
+    assert m == metrics
+    assert m['num_train'] == 160 and m['num_test'] == 48 and m['epochs'] == 2 and m['ll_k'] == 2
+    # A unit-variance Gaussian decoder cannot beat 0.5*log(2*pi) nats per pixel: a hard floor on -log p(x).
+    assert m['test_log_likelihood'] < -3072 * 0.5 * torch.log(torch.tensor(2 * torch.pi)).item()
+    assert m['test_bits_per_dim'] > 8.0
+    rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {'train_loss', 'train_nll', 'train_kl', 'test_neg_elbo', 'seconds'}
+        assert abs(r['train_loss'] - (r['train_nll'] + r['train_kl'])) < 1e-3 * abs(r['train_loss'])
+    config = json.load(open(out / 'config.json'))
+    assert config['torch_version'] == torch.__version__ and config['device'] == 'cpu'
+    assert config['args']['epochs'] == 2 and config['model_config']['z_dim'] == 32
+    assert 'git_commit' in config and config['command'].startswith('python train_vae.py')
+    profile = json.load(open(out / '1.3e_latent_profiles.json'))
+    assert len(profile['profile']) == 10 and len(profile['profile'][0]) == 32
+
+
+def test_checkpoint_rebuilds_the_model_without_the_driver(two_epoch_run):
+    """The checkpoint alone says which model to build; its samples match the run's final weights."""
+    import vae_solution
+    from studylib.run import load_checkpoint
+    ckpt = load_checkpoint(str(two_epoch_run[0] / 'checkpoint.pt'))
+    model = vae_solution.VAE(**ckpt['model_config'], device='cpu')
+    model.load_state_dict(ckpt['model'])
+    assert ckpt['epoch'] == 2
+    assert model.sample(4).shape == (4, 3, 32, 32)
+
+
+def test_resume_equals_uninterrupted_run(data_dir, two_epoch_run, tmp_path):
+    """One epoch, stop, --resume to two: the same weights as two epochs in one go (data order and RNGs restored)."""
+    out = tmp_path / 'run'
+    run_driver(data_dir, out, '--epochs', '1')
+    run_driver(data_dir, out, '--epochs', '2', '--resume')
+    rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    resumed = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    straight = torch.load(two_epoch_run[0] / 'checkpoint.pt', weights_only=True)['model']
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'checkpoint.pt').write_bytes(b'PK\x03\x04 truncated')
+    with pytest.raises(SystemExit) as exc:
+        run_driver(data_dir, out, '--epochs', '1', '--resume')
+    assert exc.value.code == 2
+    assert (out / 'checkpoint.pt').read_bytes() == b'PK\x03\x04 truncated'
+    with pytest.raises(SystemExit):   # a fresh start must not overwrite it either
+        run_driver(data_dir, out, '--epochs', '1')
+    assert (out / 'checkpoint.pt').read_bytes() == b'PK\x03\x04 truncated'
+
+
+def test_missing_data_offline_is_one_clear_line(tmp_path):
+    result = cli('--no-download', '--data-dir', str(tmp_path / 'nowhere'), '--out-dir', str(tmp_path / 'run'))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert 'train_32x32.mat is missing' in lines[0] and 'nowhere' in lines[0] and '--no-download' in lines[0]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_resume_without_checkpoint(data_dir, tmp_path):
+    result = cli('--no-download', '--data-dir', data_dir, '--out-dir', str(tmp_path / 'run'), '--resume',
+                 '--limit-train', '64', '--limit-test', '16')
+    assert result.returncode == 2
+    assert 'no checkpoint' in result.stderr and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('flags', [['--epochs', '0'], ['--device', 'tpu'], ['--lr', '-1'], ['--batch-size', 'x']])
+def test_bad_flags_are_argparse_errors(flags, tmp_path):
+    result = cli(*flags, '--out-dir', str(tmp_path / 'run'))
+    assert result.returncode == 2 and 'usage:' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_help_documents_every_flag_with_default():
+    out = cli('--help').stdout
+    for flag in ['--data-dir', '--no-download', '--out-dir', '--epochs', '--batch-size', '--lr', '--seed',
+                 '--device', '--limit-train', '--limit-test', '--resume', '--sample-every', '--ll-k',
+                 '--profile-per-class', '--z-dim']:
+        assert flag in out
+    assert '(default: 30)' in out and '(default: 0.0001)' in out and '(default: 64)' in out
