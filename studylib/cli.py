@@ -20,10 +20,18 @@ def positive_float(text):
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' for flags that have a value by default; not for switches or unset options."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
     """A parser holding the common flags, with the driver's defaults (the assignment's settings)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     common = parser.add_argument_group('common to every driver')
     common.add_argument('--data-dir', default='./data',
                         help='folder holding the standard dataset files, or where torchvision downloads them')
@@ -37,9 +45,9 @@ def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
     common.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                         help='where to train; auto = cuda when available')
     common.add_argument('--limit-train', type=positive_int, default=None, metavar='N',
-                        help='use only the first N training images (smoke tests, CPU runs); default: all')
+                        help='use only the first N training images (smoke tests, CPU runs); all when unset')
     common.add_argument('--limit-test', type=positive_int, default=None, metavar='N',
-                        help='use only the first N test images; default: all')
+                        help='use only the first N test images; all when unset')
     common.add_argument('--resume', action='store_true',
                         help="continue from the run folder's checkpoint (after its last finished epoch)")
     return parser

@@ -49,8 +49,10 @@ def save_image_grid(images, path, title, nrow=8, row_labels=None, scale=0.45):
     return path
 
 
-def save_time_figure(epochs, seconds, path, title):
-    """Wall-clock training time: cumulative seconds against epoch (left) and seconds of each epoch (right)."""
+def save_time_figure(epochs, seconds, path, title, note=None):
+    """Wall-clock training time: cumulative seconds against epoch (left) and seconds of each epoch (right).
+
+    `note` is a line under the title, e.g. the time it takes to sample one batch."""
     from matplotlib.ticker import MaxNLocator
     cumulative = [0.0]
     for s in seconds:
@@ -69,7 +71,7 @@ def save_time_figure(epochs, seconds, path, title):
     right.grid(alpha=0.3, axis='y')
     for ax in (left, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title + ('\n' + note if note else ''), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -168,6 +168,14 @@ def make_config(args, model, model_config, device, command):
     }
 
 
+def open_run(args, model, model_config, device, command):
+    """Make config.json's content, print it (minGPT style) and start the run folder: (run, config, ckpt or None)."""
+    run = RunDir(args.out_dir)
+    config = make_config(args, model, model_config, device, command)
+    print(json.dumps(config, indent=2, default=str))
+    return run, config, run.start(config, args.resume)
+
+
 def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, extra=None):
     """Write atomically: a reader (or a crash) never sees a half-written checkpoint.pt."""
     state = {

@@ -1,0 +1,89 @@
+"""2.3a: compare DDPM runs that differ in T (training time per epoch, sampling time, sample quality).
+
+    python -m studylib.compare runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
+
+Reads each run folder's summary.json and writes, into --out-dir, the figure 2.3a_tradeoff.png, the table
+2.3a_table.md and a summary.json with id 2.3a whose metrics hold one entry per T.
+"""
+import argparse
+import json
+import os
+import sys
+
+from . import UserError
+from .cli import HelpFormatter, user_errors
+from .run import RunDir
+
+
+def read_ddpm_run(path):
+    summary_path = os.path.join(path, 'summary.json')
+    if not os.path.exists(summary_path):
+        raise UserError(f'{path} has no summary.json: is it a finished train_ddpm.py run folder?')
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f'{summary_path} is unreadable ({exc})') from exc
+    if summary.get('model') != 'ddpm':
+        raise UserError(f'{path} is a {summary.get("model")} run, not a DDPM run')
+    return summary['metrics']
+
+
+def compare(run_dirs, out_dir):
+    runs = sorted((read_ddpm_run(p) | {'run': p} for p in run_dirs), key=lambda m: m['timesteps'])
+    if len({m['timesteps'] for m in runs}) != len(runs):
+        raise UserError('two of the runs have the same T: give one run per T')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    out = RunDir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    ts = [m['timesteps'] for m in runs]
+    panels = [('seconds_per_epoch_mean', 'training time per epoch (s)'),
+              ('sample_seconds', 'seconds to sample one batch'),
+              ('sample_thumbnail_fd', 'thumbnail Frechet distance\n(lower is better)')]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(ts, [m[key] for m in runs], marker='o')
+        ax.set_xlabel('diffusion steps T')
+        ax.set_ylabel(label)
+        ax.set_xticks(ts)
+        ax.grid(alpha=0.3)
+    devices = sorted({m['device'] for m in runs})
+    fig.suptitle(f'DDPM trade-off against T ({", ".join(devices)}; epochs: '
+                 f'{", ".join(str(m["epochs"]) for m in runs)}; sampling batch: '
+                 f'{", ".join(str(m["sample_batch"]) for m in runs)})', fontsize=10)
+    fig.tight_layout()
+    figure = out.file('2.3a_tradeoff.png')
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+
+    lines = ['| T | epochs | train s/epoch | sampling s (batch) | thumbnail FD | t* | run |',
+             '|---|---|---|---|---|---|---|']
+    for m in runs:
+        lines.append(f'| {m["timesteps"]} | {m["epochs"]} | {m["seconds_per_epoch_mean"]:.1f} | '
+                     f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["sample_thumbnail_fd"]:.3f} | '
+                     f'{m["t_star"]} | {m["run"]} |')
+    with open(out.file('2.3a_table.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    metrics = {f'T{m["timesteps"]}': {k: m[k] for k in ('epochs', 'seconds_per_epoch_mean', 'sample_seconds',
+                                                          'sample_batch', 'sample_thumbnail_fd', 't_star',
+                                                          'device', 'run')} for m in runs}
+    out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
+    print('\n'.join(lines))
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument('runs', nargs='+', help='train_ddpm.py run folders, one per T')
+    parser.add_argument('--out-dir', default='runs/ddpm-compare', help='where the 2.3a figure and table go')
+    args = parser.parse_args(argv)
+    with user_errors():
+        return compare(args.runs, args.out_dir)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,150 @@
+"""train_ddpm.py and studylib.compare end to end on real SVHN files from DATA_DIR (tiny T and sizes)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import ddpm_solution
+import train_ddpm
+import train_vae
+from studylib import compare
+from tests.conftest import ROOT
+
+TINY = ['--limit-train', '32', '--limit-test', '16', '--batch-size', '16', '--num-samples', '4',
+        '--sample-every', '1', '--no-download', '--device', 'cpu', '--epochs', '2']
+
+
+@pytest.fixture(scope='module')
+def vae_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('vae') / 'run'
+    train_vae.main(['--data-dir', data_dir, '--out-dir', str(out), '--epochs', '1', '--limit-train', '64',
+                    '--limit-test', '16', '--ll-k', '1', '--profile-per-class', '1', '--no-download',
+                    '--device', 'cpu'])
+    return out
+
+
+@pytest.fixture(scope='module')
+def ddpm_runs(data_dir, vae_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp('ddpm')
+    t10 = train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(root / 'T10'), '--timesteps', '10',
+                           '--compare-vae', str(vae_run), *TINY])
+    t20 = train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(root / 'T20'), '--timesteps', '20',
+                           '--t-primes', '0,5,19', *TINY])
+    return root, t10, t20
+
+
+def test_every_figure_and_the_t_star_metric(ddpm_runs):
+    root, t10, t20 = ddpm_runs
+    summary = json.load(open(root / 'T10' / 'summary.json'))
+    assert summary['model'] == 'ddpm'
+    assert sorted(summary['figures']) == ['2.2a', '2.2b', '2.2c', '2.2d']
+    assert len(summary['figures']['2.2b']) == 2 and len(summary['figures']['2.2c']) == 2
+    assert summary['figures']['2.2d'] == ['2.2d_ddpm_vs_vae.png']
+    for paths in summary['figures'].values():
+        for rel in paths:
+            with Image.open(root / 'T10' / rel) as im:
+                im.verify()
+    m = summary['metrics']
+    assert m == t10 and m['timesteps'] == 10 and m['epochs'] == 2
+    assert m['t_primes'] == train_ddpm.default_t_primes(10) and m['t_star'] in m['t_primes']
+    assert len(m['restored_psnr']) == len(m['t_primes']) == len(m['noised_psnr'])
+    assert m['sample_seconds'] > 0 and m['sample_batch'] == 4
+    assert 'vae_sample_thumbnail_fd' in m and m['sample_thumbnail_fd'] >= 0
+    assert t20['t_primes'] == [0, 5, 19] and t20['t_star'] in (0, 5, 19)
+    rows = [json.loads(line) for line in open(root / 'T10' / 'metrics.jsonl')]
+    assert [r['epoch'] for r in rows] == [1, 2] and all('sample_seconds' in r for r in rows)
+    ckpt = torch.load(root / 'T10' / 'checkpoint.pt', weights_only=True)
+    assert ckpt['model_config']['timesteps'] == 10
+
+
+def test_compare_writes_the_2_3a_figure_and_table(ddpm_runs, tmp_path):
+    root, t10, t20 = ddpm_runs
+    metrics = compare.main([str(root / 'T20'), str(root / 'T10'), '--out-dir', str(tmp_path / 'cmp')])
+    assert list(metrics) == ['T10', 'T20']
+    assert metrics['T20']['sample_seconds'] == t20['sample_seconds']
+    summary = json.load(open(tmp_path / 'cmp' / 'summary.json'))
+    assert summary['figures'] == {'2.3a': ['2.3a_tradeoff.png']}
+    with Image.open(tmp_path / 'cmp' / '2.3a_tradeoff.png') as im:
+        im.verify()
+    table = open(tmp_path / 'cmp' / '2.3a_table.md').read()
+    assert '| 10 |' in table and '| 20 |' in table
+
+
+def test_compare_refuses_a_vae_run(vae_run, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        compare.main([str(vae_run), '--out-dir', str(tmp_path / 'cmp')])
+    assert exc.value.code == 2
+
+
+def test_compare_vae_must_be_a_vae_run(data_dir, ddpm_runs, tmp_path):
+    root = ddpm_runs[0]
+    for bad in (root / 'T10', tmp_path / 'empty'):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, 'train_ddpm.py'), '--data-dir', data_dir,
+                                 '--out-dir', str(tmp_path / 'run'), '--compare-vae', str(bad), *TINY],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1 and '--compare-vae' in result.stderr
+        assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('flags', [['--timesteps', '0'], ['--t-primes', '5,x'], ['--timesteps', '10',
+                                                                                  '--t-primes', '10']])
+def test_bad_flags_are_argparse_errors(flags, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train_ddpm.py'), *flags],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'usage:' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_missing_data_offline(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train_ddpm.py'), '--no-download', '--data-dir',
+                             str(tmp_path), '--out-dir', str(tmp_path / 'run')],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'train_32x32.mat is missing' in result.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+def test_choose_t_star_is_the_first_crossing_of_the_midpoint():
+    t, threshold = train_ddpm.choose_t_star([10, 20, 30, 40], [30.0, 25.0, 19.0, 12.0], chance_psnr=10.0)
+    assert threshold == 20.0 and t == 30
+    assert train_ddpm.choose_t_star([1, 2], [30.0, 29.0], 10.0)[0] == 2   # never crosses: the last t'
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, t):
+        return self.w * x + 0.01 * t.float().view(-1, 1, 1, 1)
+
+
+class _MeanOnly(ddpm_solution.DiffusionSchedule):
+    """Reverse steps without the posterior noise: makes every chain deterministic, so bookkeeping can be compared."""
+
+    def p_sample(self, model, x, t, t_index):
+        return super().p_sample(model, x, t, 0)
+
+
+def test_t_prime_sweep_restores_each_image_from_its_own_t_prime():
+    """The batched sweep must equal, image for image, a separate chain x_t' -> x_0 run for each t' alone:
+    catches an image updated before its t' is reached, or skipped after."""
+    diffusion = _MeanOnly(12)
+    model = _Affine()
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    t_primes = [0, 4, 11]
+    noised, restored = train_ddpm.t_prime_sweep(diffusion, model, x0, t_primes, seed=0)
+    assert noised.shape == restored.shape == (3, 3, 3, 4, 4)
+    for k, tp in enumerate(t_primes):
+        x = noised[k]
+        for i in reversed(range(tp + 1)):
+            t = torch.full((3,), i)
+            x = (x - diffusion.betas[i] / diffusion.sqrt_one_minus_alphas_cumprod[i] * model(x, t)) \
+                / diffusion.alphas[i].sqrt()
+        assert torch.allclose(restored[k], x, atol=1e-5), tp
+    # the noised inputs are q_sample draws at their own t': their spread around sqrt(abar) x0 grows with t'
+    spread = [(noised[k] - diffusion.sqrt_alphas_cumprod[tp] * x0).std().item() for k, tp in enumerate(t_primes)]
+    assert spread[0] < spread[1] < spread[2]

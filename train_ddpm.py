@@ -1,0 +1,313 @@
+"""Train the Problem 2 DDPM on SVHN and write every Problem 2 figure and number into one run folder.
+
+    python train_ddpm.py                                  # the assignment: T=1000, 30 epochs, Adam 1e-4, batch 64
+    python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500      # the 2.3a study: T=500 and T=1500
+    python -m studylib.compare runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
+
+Figures (question ids of the seed): 2.2a training and sampling time, 2.2b samples during training, 2.2c the t'
+sweep (test images noised to t' and restored by the reverse process from t'), 2.2d final samples (beside the VAE's
+with --compare-vae). t* is the first t' whose restorations have lost half of their fidelity: the first t' where
+the mean PSNR of restored vs original falls below the midpoint between the PSNR at the smallest t' and the PSNR
+of unrelated image pairs (each test image against another one).
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import ddpm_solution
+import vae_solution
+from studylib import UserError
+from studylib.cli import make_parser, positive_int, user_errors
+from studylib.data import batch_indices, load_split, to_unit_range
+from studylib.plots import save_image_grid, save_time_figure
+from studylib.quality import psnr, thumbnail_fd
+from studylib.run import RunDir, load_checkpoint, open_run, pick_device, restore, seed_everything
+
+SWEEP_IMAGES = 8
+QUALITY_REFERENCE = 2000   # test images the sample-quality measure compares against
+
+
+def parse_t_primes(text):
+    try:
+        values = sorted({int(v) for v in text.split(',') if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}')
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError(f'expected integers >= 0, got {text!r}')
+    return values
+
+
+def default_t_primes(timesteps):
+    """5%, 10%, 20%, ..., 90% of T and the last step T-1: dense where restorations still resemble the input."""
+    return sorted({round(f * timesteps) for f in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
+                  | {timesteps - 1})
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm', epochs=30,
+                         batch_size=ddpm_solution.train_batch_size, lr=ddpm_solution.lr)
+    ddpm = parser.add_argument_group('DDPM study')
+    ddpm.add_argument('--timesteps', type=positive_int, default=ddpm_solution.T,
+                      help='diffusion steps T (linear betas from 1e-4 to 0.02 whatever T is)')
+    ddpm.add_argument('--sample-every', type=positive_int, default=5,
+                      help='save the 2.2b samples every N epochs (and after the last)')
+    ddpm.add_argument('--num-samples', type=positive_int, default=64,
+                      help='images per sampled batch (2.2b, 2.2d, sampling time, quality)')
+    ddpm.add_argument('--t-primes', type=parse_t_primes, default=None, metavar='T1,T2,...',
+                      help="noise levels t' (0-based step indices < T) of the 2.2c sweep; "
+                           "default: 5%%, 10%%, 20%%, ..., 90%% of T and T-1. t* is the first t' whose mean "
+                           "restoration PSNR falls below the midpoint between the PSNR at the smallest t' and the "
+                           "PSNR of unrelated test-image pairs")
+    ddpm.add_argument('--compare-vae', default=None, metavar='RUN_DIR',
+                      help='a train_vae.py run folder: its samples are shown beside the DDPM ones in 2.2d')
+    args = parser.parse_args(argv)
+    if args.t_primes is None:
+        args.t_primes = default_t_primes(args.timesteps)
+    if args.t_primes[-1] >= args.timesteps:
+        parser.error(f"--t-primes: {args.t_primes[-1]} is not a step index of T={args.timesteps} (max T-1)")
+    return args
+
+
+def load_vae(run_dir, device):
+    """The final VAE of a train_vae.py run folder, rebuilt from its checkpoint alone."""
+    path = RunDir(run_dir).checkpoint_path
+    if not os.path.exists(path):
+        raise UserError(f'--compare-vae {run_dir}: no checkpoint.pt there; pass a train_vae.py run folder')
+    ckpt = load_checkpoint(path)
+    if ckpt['model_name'] != 'vae':
+        raise UserError(f'--compare-vae {run_dir}: that folder holds a {ckpt["model_name"]} run, not a VAE run')
+    model = vae_solution.VAE(**ckpt['model_config'], device=device)
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt['epoch']
+
+
+@torch.no_grad()
+def draw_samples(diffusion, model, n, seed, progress=True):
+    """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took."""
+    model.eval()
+    devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        x = diffusion.sample(model, (n, ddpm_solution.input_channels, ddpm_solution.image_size,
+                                     ddpm_solution.image_size), progress=progress)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return x, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def t_prime_sweep(diffusion, model, x0, t_primes, seed):
+    """Noise x0 to each t' with q_sample, then run the reverse process from t' down to 0.
+
+    All t' share one pass over i = max(t') ... 0: at step i only the images whose t' >= i are updated, so the
+    cost is sum(t') images, in batches, rather than len(t') separate chains. Returns (noised, restored), each
+    (len(t_primes), B, C, H, W).
+    """
+    model.eval()
+    k, b = len(t_primes), len(x0)
+    devices = [torch.cuda.current_device()] if x0.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        start = torch.tensor(t_primes, device=x0.device).repeat_interleave(b)           # (k*B,)
+        noised = diffusion.q_sample(x0.repeat(k, 1, 1, 1), start)                        # (k*B, C, H, W)
+        x = noised.clone()
+        for i in tqdm(reversed(range(max(t_primes) + 1)), total=max(t_primes) + 1, desc="t' sweep", leave=False):
+            active = start >= i
+            t = torch.full((int(active.sum()),), i, device=x.device, dtype=torch.long)
+            x[active] = diffusion.p_sample(model, x[active], t, i)
+    return noised.view(k, b, *x0.shape[1:]), x.view(k, b, *x0.shape[1:])
+
+
+def choose_t_star(t_primes, restored_psnr, chance_psnr):
+    """First t' whose mean restoration PSNR is below the midpoint of the best one and the chance level."""
+    threshold = (restored_psnr[0] + chance_psnr) / 2
+    for t_prime, value in zip(t_primes, restored_psnr):
+        if value < threshold:
+            return t_prime, threshold
+    return t_primes[-1], threshold
+
+
+def save_sweep_figures(run, x0, noised, restored, t_primes, t_star, threshold, chance, epoch, timesteps):
+    """2.2c: the image grid (original, then noised / restored per t') and the PSNR curve with t* marked."""
+    import matplotlib.pyplot as plt
+    rows = [x0] + [r for pair in zip(noised, restored) for r in pair]
+    labels = ['original'] + [lab for tp in t_primes
+                             for lab in (f"noised to t'={tp}", 'restored' + ('  <- t*' if tp == t_star else ''))]
+    grid = save_image_grid(torch.cat(rows), run.file('2.2c_tprime_sweep.png'),
+                           f"Test images noised to t' with q_sample and restored by the reverse process from t' "
+                           f"(T={timesteps}, epoch {epoch}); t*={t_star}", nrow=len(x0), row_labels=labels)
+    noised_psnr = [float(psnr(n, x0).mean()) for n in noised]
+    restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(t_primes, restored_psnr, marker='o', label='restored vs original')
+    ax.plot(t_primes, noised_psnr, marker='s', linestyle=':', label="noised x_t' vs original")
+    ax.axhline(chance, color='gray', linestyle='--', label=f'unrelated test pairs ({chance:.1f} dB)')
+    ax.axhline(threshold, color='tab:red', linestyle=':', linewidth=1, label=f't* threshold ({threshold:.1f} dB)')
+    ax.axvline(t_star, color='tab:red', label=f't* = {t_star}')
+    ax.set_xlabel("t' (0-based diffusion step the images are noised to)")
+    ax.set_ylabel(f'PSNR to the original (dB), mean of {len(x0)} images')
+    ax.set_title(f"Restoration from t' (T={timesteps}, epoch {epoch})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curve = run.file('2.2c_tprime_psnr.png')
+    fig.savefig(curve, dpi=110)
+    plt.close(fig)
+    return [grid, curve], noised_psnr, restored_psnr
+
+
+def save_final_samples(run, samples, epoch, timesteps, vae=None):
+    """2.2d: the final DDPM samples, beside the VAE's when a VAE is given."""
+    title = f'{len(samples)} DDPM samples after {epoch} epochs (T={timesteps} reverse steps)'
+    if vae is None:
+        return save_image_grid(samples, run.file('2.2d_final_samples.png'), title)
+    import matplotlib.pyplot as plt
+    from studylib.plots import grid_array
+    vae_model, vae_epoch, vae_samples = vae
+    nrow = math.ceil(math.sqrt(len(samples)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6))
+    for ax, images, name in [(axes[0], samples, f'DDPM, epoch {epoch}, T={timesteps}'),
+                             (axes[1], vae_samples, f'VAE, epoch {vae_epoch} (decoder mean)')]:
+        ax.imshow(grid_array(images, nrow), interpolation='nearest')
+        ax.set_title(name, fontsize=10)
+        ax.axis('off')
+    fig.suptitle(f'{len(samples)} samples from each model, trained on the same SVHN images', fontsize=11)
+    fig.tight_layout()
+    path = run.file('2.2d_ddpm_vs_vae.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def train(args, command='python train_ddpm.py'):
+    # ---- setup
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
+
+    # ---- data first: a missing file must fail in seconds, before the run folder is touched
+    train_x, _ = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
+    test_x, _ = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
+    if args.batch_size > len(train_x):
+        raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    if len(test_x) < 2 * SWEEP_IMAGES:
+        raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_IMAGES} test images, got {len(test_x)}')
+
+    model_config = dict(dim=ddpm_solution.image_size, channels=ddpm_solution.input_channels, dim_mults=[1, 2, 4, 8])
+    diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
+                            beta_end=ddpm_solution.beta_end)
+    run, config, ckpt = open_run(args, 'ddpm', {**model_config, **diffusion_config}, device, command)
+
+    # ---- model, diffusion and optimizer
+    model = ddpm_solution.Unet(**model_config).to(device)
+    diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    print(f'U-Net: {sum(p.numel() for p in model.parameters()):,} parameters; T={args.timesteps}; '
+          f'{len(train_x)} train / {len(test_x)} test images on {device}')
+
+    order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
+    figures = {'2.2b': []}
+    sample_seconds = None
+    start_epoch = 1
+    if ckpt is not None:
+        restore(ckpt, model, optimizer)
+        order_rng.set_state(ckpt['extra']['order_rng'])
+        figures, sample_seconds = ckpt['extra']['figures'], ckpt['extra']['sample_seconds']
+        start_epoch = ckpt['epoch'] + 1
+        print(f'resumed from {run.checkpoint_path} after epoch {ckpt["epoch"]}')
+    train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
+
+    # ---- training loop
+    for epoch in tqdm(range(start_epoch, args.epochs + 1), desc='epochs', initial=start_epoch - 1,
+                      total=args.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)   # read once per epoch: no host sync per step
+        batches = batch_indices(len(train_x), args.batch_size, order_rng)
+        for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
+            x = to_unit_range(train_x[idx.to(device)])                       # (B, 3, 32, 32) in [-1, 1]
+            t = diffusion.t_sample(len(idx), device)                          # (B,) in {0..T-1}
+            loss = diffusion.p_losses(model, x, t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+        train_loss = float(loss_sum) / len(train_x)
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise UserError(f'the training loss became {train_loss} in epoch {epoch}; the last good checkpoint '
+                            f'(epoch {epoch - 1}) is kept in {run.path}')
+        row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
+        if epoch % args.sample_every == 0 or epoch == args.epochs:
+            samples, sample_seconds = draw_samples(diffusion, model, args.num_samples, args.seed)
+            row['sample_seconds'] = sample_seconds
+            figures['2.2b'].append(save_image_grid(
+                samples, run.file(f'2.2b_samples_epoch{epoch:03d}.png'),
+                f'DDPM samples after epoch {epoch} (T={args.timesteps} reverse steps, same seed every time)'))
+        run.log_metrics(row)
+        tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
+                   + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
+        run.save_checkpoint(model_name='ddpm', model_config={**model_config, **diffusion_config}, model=model,
+                            optimizer=optimizer, epoch=epoch,
+                            extra={'order_rng': order_rng.get_state(), 'figures': figures,
+                                   'sample_seconds': sample_seconds})
+
+    # ---- final figures and metrics
+    rows = run.read_metrics()
+    epoch = rows[-1]['epoch']
+    samples, final_sample_seconds = draw_samples(diffusion, model, args.num_samples, args.seed + 1)
+    figures['2.2a'] = [save_time_figure(
+        [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.file('2.2a_training_time.png'),
+        f'DDPM training wall-clock time on {config["device_name"]} ({len(train_x)} SVHN images per epoch)',
+        note=f'sampling one batch of {args.num_samples} images with T={args.timesteps} steps: '
+             f'{final_sample_seconds:.1f} s')]
+
+    x0 = to_unit_range(test_x[:SWEEP_IMAGES])
+    noised, restored = t_prime_sweep(diffusion, model, x0, args.t_primes, args.seed)
+    chance = float(psnr(x0, to_unit_range(test_x[SWEEP_IMAGES:2 * SWEEP_IMAGES])).mean())
+    restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
+    t_star, threshold = choose_t_star(args.t_primes, restored_psnr, chance)
+    figures['2.2c'], noised_psnr, _ = save_sweep_figures(run, x0, noised, restored, args.t_primes, t_star,
+                                                         threshold, chance, epoch, args.timesteps)
+
+    vae_info = None
+    if vae is not None:
+        torch.manual_seed(args.seed)
+        vae_info = (vae[0], vae[1], vae[0].sample(args.num_samples))
+    figures['2.2d'] = [save_final_samples(run, samples, epoch, args.timesteps, vae_info)]
+
+    reference = to_unit_range(test_x[:QUALITY_REFERENCE])
+    metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
+                   final_train_loss=rows[-1]['train_loss'],
+                   train_seconds_total=sum(r['seconds'] for r in rows),
+                   seconds_per_epoch_mean=sum(r['seconds'] for r in rows) / len(rows),
+                   sample_seconds=final_sample_seconds, sample_batch=args.num_samples,
+                   t_star=t_star, t_star_threshold_psnr=threshold, chance_psnr=chance,
+                   t_primes=args.t_primes, restored_psnr=restored_psnr, noised_psnr=noised_psnr,
+                   sample_thumbnail_fd=thumbnail_fd(samples, reference),
+                   device=config['device_name'])
+    if vae_info is not None:
+        metrics['vae_sample_thumbnail_fd'] = thumbnail_fd(vae_info[2], reference)
+    run.write_summary('ddpm', {k: figures[k] for k in sorted(figures)}, metrics)
+    print(json.dumps(metrics, indent=2))
+    print(f'run folder: {run.path}')
+    return metrics
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    with user_errors():
+        return train(args, shlex.join(['python', 'train_ddpm.py', *argv]))
+
+
+if __name__ == '__main__':
+    main()
