@@ -11,11 +11,8 @@ the mean PSNR of restored vs original falls below the midpoint between the PSNR 
 of unrelated image pairs (each test image against another one).
 """
 import argparse
-import json
 import math
 import os
-import shlex
-import sys
 import time
 
 import torch
@@ -24,11 +21,12 @@ from tqdm import tqdm
 import ddpm_solution
 import vae_solution
 from studylib import UserError
-from studylib.cli import make_parser, positive_int, user_errors
+from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, load_split, to_unit_range
 from studylib.plots import save_image_grid, save_time_figure
 from studylib.quality import psnr, thumbnail_fd
-from studylib.run import RunDir, load_checkpoint, open_run, pick_device, restore, seed_everything
+from studylib.run import (RunDir, load_checkpoint, open_run, pick_device, restore, seed_everything,
+                          time_metrics)
 
 SWEEP_IMAGES = 8
 QUALITY_REFERENCE = 2000   # test images the sample-quality measure compares against
@@ -287,8 +285,7 @@ def train(args, command='python train_ddpm.py'):
     reference = to_unit_range(test_x[:QUALITY_REFERENCE])
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
                    final_train_loss=rows[-1]['train_loss'],
-                   train_seconds_total=sum(r['seconds'] for r in rows),
-                   seconds_per_epoch_mean=sum(r['seconds'] for r in rows) / len(rows),
+                   **time_metrics(rows),
                    sample_seconds=final_sample_seconds, sample_batch=args.num_samples,
                    t_star=t_star, t_star_threshold_psnr=threshold, chance_psnr=chance,
                    t_primes=args.t_primes, restored_psnr=restored_psnr, noised_psnr=noised_psnr,
@@ -296,17 +293,12 @@ def train(args, command='python train_ddpm.py'):
                    device=config['device_name'])
     if vae_info is not None:
         metrics['vae_sample_thumbnail_fd'] = thumbnail_fd(vae_info[2], reference)
-    run.write_summary('ddpm', {k: figures[k] for k in sorted(figures)}, metrics)
-    print(json.dumps(metrics, indent=2))
-    print(f'run folder: {run.path}')
+    run.write_summary('ddpm', figures, metrics)
     return metrics
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    with user_errors():
-        return train(args, shlex.join(['python', 'train_ddpm.py', *argv]))
+    return run_main('train_ddpm.py', parse_args, train, argv)
 
 
 if __name__ == '__main__':

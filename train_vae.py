@@ -9,19 +9,17 @@ rows in metrics.jsonl; summary.json holds the final ones, among them the importa
 """
 import json
 import math
-import shlex
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from studylib.cli import make_parser, positive_int, user_errors
+import vae_solution
+from studylib import UserError
+from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
 from studylib.plots import save_image_grid, save_time_figure
-from studylib.run import RunDir, make_config, pick_device, restore, seed_everything
-from studylib import UserError
-import vae_solution
+from studylib.run import open_run, pick_device, restore, seed_everything, time_metrics
 
 EVAL_BATCH = 500
 NUM_PIXELS = 3 * 32 * 32
@@ -162,10 +160,7 @@ def train(args, command='python train_vae.py'):
 
     model_config = dict(in_channels=vae_solution.input_channels, encoder_features=32, decoder_features=32,
                         z_dim=args.z_dim, input_size=vae_solution.image_size)
-    run = RunDir(args.out_dir)
-    config = make_config(args, 'vae', model_config, device, command)
-    print(json.dumps(config, indent=2, default=str))
-    ckpt = run.start(config, args.resume)
+    run, config, ckpt = open_run(args, 'vae', model_config, device, command)
 
     # ---- model and optimizer
     model = vae_solution.VAE(**model_config, device=device).to(device)
@@ -242,20 +237,14 @@ def train(args, command='python train_vae.py'):
                    final_train_loss=last['train_loss'], final_test_neg_elbo=last['test_neg_elbo'],
                    final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
                    test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
-                   train_seconds_total=sum(r['seconds'] for r in rows),
-                   seconds_per_epoch_mean=sum(r['seconds'] for r in rows) / len(rows),
+                   **time_metrics(rows),
                    device=config['device_name'])
-    run.write_summary('vae', {k: figures[k] for k in sorted(figures)}, metrics)
-    print(json.dumps(metrics, indent=2))
-    print(f'run folder: {run.path}')
+    run.write_summary('vae', figures, metrics)
     return metrics
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    with user_errors():
-        return train(args, shlex.join(['python', 'train_vae.py', *argv]))
+    return run_main('train_vae.py', parse_args, train, argv)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """The command-line flags every driver shares (SPEC.md, "Drivers") and the one way drivers report user errors."""
 import argparse
 import contextlib
+import shlex
 import sys
 
 from . import UserError
@@ -61,3 +62,13 @@ def user_errors():
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         sys.exit(2)
+
+
+def run_main(script, parse_args, train, argv=None):
+    """A driver's main(): parse (argparse errors exit 2 by themselves), then train with user errors as one line.
+
+    `train(args, command)` gets the command line as the user typed it, for config.json."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    with user_errors():
+        return train(args, shlex.join(['python', script, *argv]))

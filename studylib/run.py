@@ -148,8 +148,16 @@ class RunDir:
 
     def write_summary(self, model, figures, metrics):
         """summary.json: what the report builder reads. Figures live in the run folder, named relative to it."""
-        figures = {qid: [os.path.basename(p) for p in paths] for qid, paths in figures.items()}
+        figures = {qid: [os.path.basename(p) for p in figures[qid]] for qid in sorted(figures)}
         self.write_json('summary.json', {'model': model, 'figures': figures, 'metrics': metrics})
+        print(json.dumps(metrics, indent=2))
+        print(f'run folder: {self.path}')
+
+
+def time_metrics(rows):
+    """Training-time totals of a metrics log whose rows carry 'seconds'."""
+    total = sum(r['seconds'] for r in rows)
+    return dict(train_seconds_total=total, seconds_per_epoch_mean=total / len(rows))
 
 
 def make_config(args, model, model_config, device, command):
