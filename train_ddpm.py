@@ -213,7 +213,7 @@ def train(args, command='python train_ddpm.py'):
 
     order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
     figures = {'2.2b': []}
-    sample_seconds = None
+    samples = sample_seconds = None
     start_epoch = 1
     if ckpt is not None:
         restore(ckpt, model, optimizer)
@@ -261,12 +261,13 @@ def train(args, command='python train_ddpm.py'):
     # ---- final figures and metrics
     rows = run.read_metrics()
     epoch = rows[-1]['epoch']
-    samples, final_sample_seconds = draw_samples(diffusion, model, args.num_samples, args.seed + 1)
+    if samples is None:   # resumed after the last epoch: its samples were not kept
+        samples, sample_seconds = draw_samples(diffusion, model, args.num_samples, args.seed)
     figures['2.2a'] = [save_time_figure(
         [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.file('2.2a_training_time.png'),
         f'DDPM training wall-clock time on {config["device_name"]} ({len(train_x)} SVHN images per epoch)',
         note=f'sampling one batch of {args.num_samples} images with T={args.timesteps} steps: '
-             f'{final_sample_seconds:.1f} s')]
+             f'{sample_seconds:.1f} s')]
 
     x0 = to_unit_range(test_x[:SWEEP_IMAGES])
     noised, restored = t_prime_sweep(diffusion, model, x0, args.t_primes, args.seed)
@@ -286,7 +287,7 @@ def train(args, command='python train_ddpm.py'):
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
                    final_train_loss=rows[-1]['train_loss'],
                    **time_metrics(rows),
-                   sample_seconds=final_sample_seconds, sample_batch=args.num_samples,
+                   sample_seconds=sample_seconds, sample_batch=args.num_samples,
                    t_star=t_star, t_star_threshold_psnr=threshold, chance_psnr=chance,
                    t_primes=args.t_primes, restored_psnr=restored_psnr, noised_psnr=noised_psnr,
                    sample_thumbnail_fd=thumbnail_fd(samples, reference),
