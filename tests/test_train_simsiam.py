@@ -1,0 +1,106 @@
+"""train_simsiam.py end to end on real CIFAR-10 files from DATA_DIR (tiny sizes), and its pure pieces."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train_simsiam
+from tests.conftest import ROOT
+
+TINY = ['--limit-train', '64', '--limit-test', '32', '--batch-size', '32', '--workers', '0', '--knn-k', '10',
+        '--dim', '64', '--pred-dim', '16', '--no-download', '--device', 'cpu']
+
+
+def run_driver(data_dir, out, *extra):
+    return train_simsiam.main(['--data-dir', data_dir, '--out-dir', str(out), *TINY, *extra])
+
+
+@pytest.fixture(scope='module')
+def experiment_3_4(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('simsiam') / 'exp'
+    return out, run_driver(data_dir, out, '--experiment', '3.4', '--epochs', '2')
+
+
+def test_experiment_writes_figures_metrics_and_one_folder_per_configuration(experiment_3_4):
+    out, results = experiment_3_4
+    summary = json.load(open(out / 'summary.json'))
+    assert summary['figures'] == {'3.4': ['3.4_loss_knn.png', '3.4_collapse.png']}
+    for rel in summary['figures']['3.4']:
+        with Image.open(out / rel) as im:
+            im.verify()
+    assert sorted(summary['metrics']) == ['baseline', 'no-stop-grad']
+    assert summary['metrics']['no-stop-grad']['stop_grad'] is False
+    for name in ('baseline', 'no-stop-grad'):
+        m = json.load(open(out / name / 'summary.json'))['metrics']
+        assert m == results[name]
+        assert 0 <= m['final_knn_top1'] <= 100 and 0 <= m['linear_probe_top1'] <= 100
+        assert -1 <= m['final_train_loss'] <= 1 and m['epochs'] == 2
+        rows = [json.loads(line) for line in open(out / name / 'metrics.jsonl')]
+        assert [r['epoch'] for r in rows] == [1, 2]
+        assert set(rows[0]) >= {'train_loss', 'knn_top1', 'z_std', 'lr', 'seconds'}
+        assert rows[0]['lr'] == pytest.approx(0.03 * 32 / 256)            # epoch 1: no decay yet
+        assert 0 <= rows[0]['z_std'] <= 1 / math.sqrt(64) + 1e-6          # std of unit vectors' coordinates
+        assert (out / name / 'checkpoint.pt').exists()
+
+
+def test_resume_skips_finished_configurations(data_dir, experiment_3_4, capsys):
+    out, results = experiment_3_4
+    again = run_driver(data_dir, out, '--experiment', '3.4', '--epochs', '2', '--resume')
+    assert again == results
+    assert 'already finished' in capsys.readouterr().out
+
+
+def test_a_fresh_start_refuses_an_existing_experiment(data_dir, experiment_3_4):
+    with pytest.raises(SystemExit) as exc:
+        run_driver(data_dir, experiment_3_4[0], '--experiment', '3.4', '--epochs', '2')
+    assert exc.value.code == 2
+
+
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
+    """1 epoch, stop, --resume to 2 == 2 epochs straight: data order, augmentation RNG and optimizer restored."""
+    run_driver(data_dir, tmp_path / 'a', '--epochs', '2')
+    run_driver(data_dir, tmp_path / 'b', '--epochs', '1')
+    run_driver(data_dir, tmp_path / 'b', '--epochs', '2', '--resume')
+    a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['model']
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_get_lr_is_the_cosine_schedule():
+    assert train_simsiam.get_lr(0, 0.06, 100) == pytest.approx(0.06)
+    assert train_simsiam.get_lr(50, 0.06, 100) == pytest.approx(0.03)
+    assert train_simsiam.get_lr(99, 0.06, 100) == pytest.approx(0.06 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+
+
+def test_recipes_pick_their_encoder_batch_and_lr():
+    tuned = train_simsiam.parse_args([])
+    assert (tuned.recipe, tuned.batch_size, tuned.epochs) == ('tuned', 512, 100)
+    assert tuned.lr == pytest.approx(0.03 * 512 / 256)
+    assignment = train_simsiam.parse_args(['--recipe', 'assignment'])
+    assert assignment.batch_size == 1024 and assignment.lr == pytest.approx(0.12)
+    small = train_simsiam.build_model(train_simsiam.variant_settings(tuned, 'baseline') | {'dim': 32})
+    imagenet = train_simsiam.build_model(train_simsiam.variant_settings(assignment, 'baseline') | {'dim': 32})
+    assert small.encoder.conv1.kernel_size == (3, 3) and isinstance(small.encoder.maxpool, torch.nn.Identity)
+    assert imagenet.encoder.conv1.kernel_size == (7, 7) and isinstance(imagenet.encoder.maxpool, torch.nn.MaxPool2d)
+
+
+def test_variants_change_one_thing_each():
+    args = train_simsiam.parse_args([])
+    base = train_simsiam.variant_settings(args, 'baseline')
+    for name, change in train_simsiam.VARIANTS.items():
+        settings = train_simsiam.variant_settings(args, name)
+        assert {k for k in settings if settings[k] != base[k]} == set(change), name
+
+
+def test_missing_cifar_offline(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train_simsiam.py'), '--no-download', '--data-dir',
+                             str(tmp_path), '--out-dir', str(tmp_path / 'run')],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'data_batch_1 is missing' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()

@@ -1,0 +1,359 @@
+"""Train SimSiam on CIFAR-10 with a kNN monitor, its ablations (3.4, 3.5a, 3.5b) and a final linear probe.
+
+    python train_simsiam.py --experiment all         # baseline + every variant, every figure (GPU: a few hours)
+    python train_simsiam.py --experiment 3.4 --epochs 3 --limit-train 2048 --limit-test 512   # a CPU taste
+
+Two recipes (SPEC.md): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR ResNet-18 (3x3 stride-1
+stem, no max-pool), batch 512, random-resized-crop scale (0.2, 1). `assignment` is the course template exactly:
+torchvision's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). Both: SGD momentum 0.9, weight decay 5e-4,
+lr 0.03 * batch / 256 with cosine decay per epoch (the predictor's lr kept fixed), 100 epochs.
+"""
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import q3_solution
+from q3_misc import TwoCropsTransform
+from studylib import UserError
+from studylib.cli import make_parser, positive_float, positive_int, run_main
+from studylib.data import CIFAR_CLASSES, batch_indices, load_split
+from studylib.run import RunDir, make_config, pick_device, restore, seed_everything, time_metrics
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+RECIPES = {
+    'tuned': dict(arch='cifar_resnet18', batch_size=512, crop_scale=(0.2, 1.0)),
+    'assignment': dict(arch='resnet18', batch_size=1024, crop_scale=(0.08, 1.0)),
+}
+# Each variant changes one thing of the baseline; each question compares the baseline with its variants.
+VARIANTS = {
+    'baseline': {},
+    'no-stop-grad': {'stop_grad': False},
+    'identity-pred': {'predictor': 'identity'},
+    'fixed-random-pred': {'predictor': 'fixed-random'},
+    'dim4096': {'dim': 4096},
+}
+QUESTIONS = {
+    '3.4': ('with and without stop-gradient', ['baseline', 'no-stop-grad']),
+    '3.5a': ('trainable vs identity predictor (and a fixed random one)', ['baseline', 'identity-pred',
+                                                                           'fixed-random-pred']),
+    '3.5b': ('projector output dimension 2048 vs 4096', ['baseline', 'dim4096']),
+}
+EXPERIMENTS = {
+    '3.4': ['baseline', 'no-stop-grad'],
+    '3.5a': ['baseline', 'identity-pred'],
+    '3.5b': ['baseline', 'dim4096'],
+    'all': ['baseline', 'no-stop-grad', 'identity-pred', 'fixed-random-pred', 'dim4096'],
+}
+PREDICTOR_MODES = {'mlp': None, 'identity': 'no_pred_mlp', 'fixed-random': 'fixed_random_init'}
+EVAL_BATCH = 1024
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/simsiam', epochs=100, batch_size=None, lr=None)
+    s = parser.add_argument_group('SimSiam study')
+    s.add_argument('--recipe', choices=sorted(RECIPES), default='tuned',
+                   help='tuned (default): CIFAR ResNet-18, batch 512, crop scale (0.2, 1); assignment: the course '
+                        "template's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). --batch-size defaults "
+                        'to the recipe\'s, --lr to 0.03 * batch / 256')
+    s.add_argument('--experiment', choices=['single', *EXPERIMENTS], default='single',
+                   help='single: one configuration from the flags; 3.4: with/without stop-gradient; 3.5a: '
+                        'baseline and identity predictor; 3.5b: projector 2048 and 4096; all: the baseline and '
+                        'every variant (fixed random predictor too), every figure')
+    s.add_argument('--no-stop-grad', action='store_true', help='(single) drop the stop-gradient on z')
+    s.add_argument('--predictor', choices=sorted(PREDICTOR_MODES), default='mlp',
+                   help='(single) trainable MLP, identity, or a frozen random MLP')
+    s.add_argument('--dim', type=positive_int, default=2048, help='projector output dimension')
+    s.add_argument('--pred-dim', type=positive_int, default=512, help='predictor hidden dimension')
+    s.add_argument('--knn-k', type=positive_int, default=200, help='neighbours of the kNN monitor')
+    s.add_argument('--knn-t', type=positive_float, default=0.1, help='temperature of the kNN monitor')
+    s.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='DataLoader worker processes for the augmentations (0: in the main process)')
+    args = parser.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    if args.batch_size is None:
+        args.batch_size = recipe['batch_size']
+    if args.lr is None:
+        args.lr = 0.03 * args.batch_size / 256
+    if args.workers < 0:
+        parser.error('--workers must be >= 0')
+    return args
+
+
+def get_lr(epoch, base_lr, epochs):
+    """Cosine decay per epoch (0-based), as the SimSiam paper: base_lr * 0.5 * (1 + cos(pi * epoch / epochs))."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def make_augmentation(crop_scale):
+    """The SimSiam/MoCo v2 CIFAR augmentations, on uint8 (3, 32, 32) tensors, ending normalised float."""
+    return v2.Compose([
+        v2.RandomResizedCrop(32, scale=crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])
+
+
+class Views(torch.utils.data.Dataset):
+    """Two augmented views of each uint8 image (the template's TwoCropsTransform)."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, TwoCropsTransform(transform)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i])
+
+
+def normalise(images):
+    """uint8 (B, 3, 32, 32) -> float normalised with the CIFAR-10 statistics, no augmentation."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def embed(net, images):
+    """net(normalised images) in eval mode, in chunks: (N, D)."""
+    net.eval()
+    return torch.cat([net(normalise(images[idx])) for idx in batch_indices(len(images), EVAL_BATCH,
+                                                                            shuffle=False)])
+
+
+def backbone(model):
+    """The encoder without its projector (everything up to the global average pool): (B, 512) features."""
+    return nn.Sequential(*list(model.encoder.children())[:-1], nn.Flatten())
+
+
+@torch.no_grad()
+def knn_accuracy(model, train_x, train_y, test_x, test_y, k, t):
+    """Top-1 % of the weighted kNN monitor on the L2-normalised encoder output (the template's features)."""
+    bank = F.normalize(embed(model.encoder, train_x), dim=1)                  # (N, dim)
+    feats = F.normalize(embed(model.encoder, test_x), dim=1)                  # (M, dim)
+    pred = torch.cat([q3_solution.knn_predict(feats[idx], bank, train_y, len(CIFAR_CLASSES), k, t)[:, 0]
+                      for idx in batch_indices(len(feats), EVAL_BATCH, shuffle=False)])
+    return 100.0 * (pred == test_y).float().mean().item()
+
+
+def linear_probe(model, train_x, train_y, test_x, test_y, epochs=100):
+    """Frozen backbone, a linear classifier on its (standardised) train features: test top-1 %."""
+    net = backbone(model)
+    train_f, test_f = embed(net, train_x), embed(net, test_x)                 # (N, 512), (M, 512)
+    mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    classifier = nn.Linear(train_f.shape[1], len(CIFAR_CLASSES)).to(train_f.device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in batch_indices(len(train_f), 256, g):
+            idx = idx.to(train_f.device)
+            loss = F.cross_entropy(classifier(train_f[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        return 100.0 * (classifier(test_f).argmax(1) == test_y).float().mean().item()
+
+
+def variant_settings(args, name):
+    """The model settings of one configuration: the flags (single) or the baseline changed by a variant."""
+    if name == 'single':
+        base = dict(stop_grad=not args.no_stop_grad, predictor=args.predictor, dim=args.dim)
+    else:
+        base = dict(stop_grad=True, predictor='mlp', dim=args.dim) | VARIANTS[name]
+    return dict(arch=RECIPES[args.recipe]['arch'], pred_dim=args.pred_dim, **base)
+
+
+def build_model(settings):
+    encoder = q3_solution.cifar_resnet18 if settings['arch'] == 'cifar_resnet18' else _torchvision_resnet18
+    return q3_solution.SimSiam(encoder, dim=settings['dim'], pred_dim=settings['pred_dim'],
+                               stop_gradient=settings['stop_grad'], MLP_mode=PREDICTOR_MODES[settings['predictor']])
+
+
+def _torchvision_resnet18(**kwargs):
+    from torchvision.models import resnet18
+    return resnet18(**kwargs)
+
+
+def train_config(args, name, data, device, command):
+    """Train one configuration in its own run folder (resuming it if asked); returns its final metrics."""
+    train_x, train_y, test_x, test_y = data
+    settings = variant_settings(args, name)
+    run = RunDir(os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir)
+    if args.resume and os.path.exists(run.file('summary.json')) and os.path.exists(run.checkpoint_path):
+        with open(run.file('summary.json')) as f:
+            metrics = json.load(f)['metrics']
+        if metrics['epochs'] >= args.epochs:   # finished: --resume of an experiment skips it
+            print(f'{name}: already finished in {run.path}')
+            return metrics
+    config = make_config(args, 'simsiam', settings, device, command) | {'configuration': name}
+    ckpt = run.start(config, args.resume and os.path.exists(run.checkpoint_path))
+
+    model = build_model(settings).to(device)
+    # The predictor keeps a fixed lr (paper Sec. 4.2 / the official fix_pred_lr): it adapts to the latest
+    # representation, which the paper finds helps with a cosine schedule.
+    groups = [{'params': [p for p in model.encoder.parameters() if p.requires_grad], 'fix_lr': False},
+              {'params': [p for p in model.predictor.parameters() if p.requires_grad], 'fix_lr': True}]
+    groups = [g for g in groups if g['params']]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    order_rng = torch.Generator().manual_seed(args.seed)
+    start_epoch = 1
+    if ckpt is not None:
+        restore(ckpt, model, optimizer)
+        order_rng.set_state(ckpt['extra']['order_rng'])
+        start_epoch = ckpt['epoch'] + 1
+        print(f'{name}: resumed after epoch {ckpt["epoch"]}')
+    loader = torch.utils.data.DataLoader(
+        Views(train_x, make_augmentation(RECIPES[args.recipe]['crop_scale'])), batch_size=args.batch_size,
+        shuffle=True, drop_last=True, num_workers=args.workers, generator=order_rng,
+        pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
+    dev_train_x, dev_train_y = train_x.to(device), train_y.to(device)
+    dev_test_x, dev_test_y = test_x.to(device), test_y.to(device)
+
+    for epoch in tqdm(range(start_epoch, args.epochs + 1), desc=name, initial=start_epoch - 1,
+                      total=args.epochs):
+        lr = get_lr(epoch - 1, args.lr, args.epochs)
+        for group in optimizer.param_groups:
+            group['lr'] = args.lr if group['fix_lr'] else lr
+        model.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(2, device=device)   # loss, std of normalised z; read once per epoch
+        steps = 0
+        for x1, x2 in tqdm(loader, desc=f'epoch {epoch}', leave=False):
+            x1 = x1.to(device, non_blocking=True)                               # (B, 3, 32, 32)
+            x2 = x2.to(device, non_blocking=True)
+            p1, p2, z1, z2 = model(x1, x2)                                       # (B, dim) each
+            loss = model.loss(p1, p2, z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Collapse indicator (paper Sec. 4.1): per-dimension std of z/||z|| over the batch, averaged;
+            # about 1/sqrt(dim) for a healthy spread, 0 when every image maps to the same vector.
+            collapse = F.normalize(z1.detach(), dim=1).std(dim=0, correction=0).mean()
+            sums += torch.stack([loss.detach(), collapse])
+            steps += 1
+        train_loss, z_std = (sums / steps).tolist()
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise UserError(f'{name}: the training loss became {train_loss} in epoch {epoch}; the last good '
+                            f'checkpoint (epoch {epoch - 1}) is kept in {run.path}')
+        knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t)
+        row = dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds)
+        run.log_metrics(row)
+        tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
+                   f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
+        run.save_checkpoint(model_name='simsiam', model_config=settings, model=model, optimizer=optimizer,
+                            epoch=epoch, extra={'order_rng': order_rng.get_state()})
+
+    rows = run.read_metrics()
+    probe = linear_probe(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y)
+    metrics = dict(configuration=name, epochs=rows[-1]['epoch'], final_train_loss=rows[-1]['train_loss'],
+                   final_knn_top1=rows[-1]['knn_top1'], best_knn_top1=max(r['knn_top1'] for r in rows),
+                   final_z_std=rows[-1]['z_std'], linear_probe_top1=probe, num_train=len(train_x),
+                   num_test=len(test_x), **time_metrics(rows), device=config['device_name'], **settings)
+    run.write_summary('simsiam', {}, metrics)
+    return metrics
+
+
+def save_question_figures(out, qid, title, names, logs, rate_line=None):
+    """Loss and kNN accuracy against epoch (two panels, one legend), and the collapse indicator."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        epochs = [r['epoch'] for r in logs[name]]
+        left.plot(epochs, [r['train_loss'] for r in logs[name]], marker='o', markersize=3, label=name)
+        right.plot(epochs, [r['knn_top1'] for r in logs[name]], marker='o', markersize=3)
+    left.set_ylabel('SimSiam loss (negative cosine, -1 = views identical)')
+    right.set_ylabel('kNN top-1 on the test set (%)')
+    for ax in (left, right):
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*left.get_legend_handles_labels(), loc='lower center', ncol=len(names), frameon=False)
+    fig.suptitle(f'{qid}: {title}', fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    curves = os.path.join(out, f'{qid}_loss_knn.png')
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name in names:
+        ax.plot([r['epoch'] for r in logs[name]], [r['z_std'] for r in logs[name]], marker='o', markersize=3,
+                label=name)
+    for dim in sorted({rate_line[n] for n in names}):
+        ax.axhline(1 / math.sqrt(dim), color='gray', linestyle='--', linewidth=1)
+        ax.annotate(f'1/sqrt({dim})', (ax.get_xlim()[0], 1 / math.sqrt(dim)), fontsize=8, va='bottom')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('std of z/||z|| over the batch (mean over dims)')
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f'{qid}: collapse indicator (0 = collapsed)', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    collapse = os.path.join(out, f'{qid}_collapse.png')
+    fig.savefig(collapse, dpi=110)
+    plt.close(fig)
+    return [curves, collapse]
+
+
+def train(args, command='python train_simsiam.py'):
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    train_x, train_y = load_split('cifar10', args.data_dir, 'train', not args.no_download, args.limit_train)
+    test_x, test_y = load_split('cifar10', args.data_dir, 'test', not args.no_download, args.limit_test)
+    if args.batch_size > len(train_x):
+        raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    names = ['single'] if args.experiment == 'single' else EXPERIMENTS[args.experiment]
+    if not args.resume:   # refuse before training anything, not after the first configuration
+        for name in names:
+            path = RunDir(os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir)
+            if os.path.exists(path.checkpoint_path):
+                raise UserError(f'{path.path} already holds a run (checkpoint.pt); pass --resume to continue '
+                                f'it, or choose another --out-dir')
+    print(f'SimSiam {args.experiment}: {names}; recipe {args.recipe}, batch {args.batch_size}, lr {args.lr:.4f}; '
+          f'{len(train_x)} train / {len(test_x)} test images on {device}')
+    data = (train_x, train_y, test_x, test_y)
+    results = {}
+    for name in names:
+        seed_everything(args.seed)   # every configuration starts from the same initial state
+        results[name] = train_config(args, name, data, device, command)
+    if args.experiment == 'single':
+        return results
+
+    exp = RunDir(args.out_dir)
+    logs = {name: RunDir(os.path.join(args.out_dir, name)).read_metrics() for name in names}
+    dims = {name: results[name]['dim'] for name in names}
+    figures = {}
+    for qid, (title, members) in QUESTIONS.items():
+        members = [m for m in members if m in names]
+        if len(members) >= 2:
+            figures[qid] = save_question_figures(args.out_dir, qid, title, members, logs, dims)
+    exp.write_json('config.json', make_config(args, 'simsiam-experiment', {'configurations': names}, device,
+                                              command))
+    exp.write_summary('simsiam', figures, results)
+    return results
+
+
+def main(argv=None):
+    return run_main('train_simsiam.py', parse_args, train, argv)
+
+
+if __name__ == '__main__':
+    main()
