@@ -80,7 +80,7 @@ def save_progress_figures(model, run, epoch, fixed_z, fixed_x):
     recon = model.decode(model.encode(x).mode()).mode()
     rows = torch.cat([torch.stack([x[i:i + 8], recon[i:i + 8]]) for i in range(0, len(x), 8)])  # orig/recon rows
     b = save_image_grid(samples, run.file(f'1.3b_samples_epoch{epoch:03d}.png'),
-                        f'Samples from 64 fixed prior draws z ~ N(0, I), epoch {epoch}')
+                        f'Samples from 64 fixed prior draws z ~ N(0,I), epoch {epoch}')
     c = save_image_grid(rows.flatten(0, 1), run.file(f'1.3c_reconstructions_epoch{epoch:03d}.png'),
                         f'Test images and their reconstructions (decoder mean at the posterior mean), epoch {epoch}',
                         row_labels=['original', 'reconstruction'] * (len(x) // 8))
@@ -228,7 +228,7 @@ def train(args, command='python train_vae.py'):
     torch.manual_seed(args.seed)
     figures['1.3d'] = [save_image_grid(model.sample(64), run.file('1.3d_final_samples.png'),
                                        f'64 samples from the VAE after {epoch} epochs '
-                                       f'(decoder mean of z ~ N(0, I))')]
+                                       f'(decoder mean of z ~ N(0,I))')]
     figures['1.3e'] = [save_latent_profiles(model, train_x, train_y, args.profile_per_class, run, epoch)]
     figures['1.3f'] = [save_interpolations(model, test_x, test_y, run, epoch, figure_rng)]
     ll = test_log_likelihood(model, test_x, args.ll_k)

@@ -22,3 +22,16 @@ def data_dir():
     if not os.path.isdir(path):
         pytest.skip(f'DATA_DIR={path} is not a folder')
     return path
+
+
+@pytest.fixture
+def isolated_torch_state():
+    """One torch thread and the global RNG restored afterwards: the maths tests neither leak seeds into each other
+    nor oversubscribe a shared CPU (two threads per process made tiny convolutions ~50x slower there)."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(n_threads)

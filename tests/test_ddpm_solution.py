@@ -36,15 +36,7 @@ SCHEDULE_NAMES = ('betas', 'alphas', 'sqrt_recip_alphas', 'alphas_cumprod', 'sqr
 N_SIGMA = 5.0
 
 
-@pytest.fixture(autouse=True)
-def _isolated_torch_state():
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures('isolated_torch_state')
 
 
 # ----------------------------------------------------------------------------------------------------------------

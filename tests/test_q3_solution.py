@@ -30,15 +30,7 @@ import q3_solution as Q  # noqa: E402
 DIM, PRED_DIM = 32, 8
 
 
-@pytest.fixture(autouse=True)
-def _isolated_torch_state():
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures('isolated_torch_state')
 
 
 class TinyNet(nn.Module):

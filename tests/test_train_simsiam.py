@@ -104,3 +104,15 @@ def test_missing_cifar_offline(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and 'data_batch_1 is missing' in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()
+
+
+def test_experiment_all_writes_every_question(data_dir, tmp_path):
+    results = run_driver(data_dir, tmp_path / 'all', '--experiment', 'all', '--epochs', '1', '--limit-train', '32')
+    assert sorted(results) == sorted(train_simsiam.VARIANTS)
+    assert results['dim4096']['dim'] == 4096 and results['identity-pred']['predictor'] == 'identity'
+    assert results['fixed-random-pred']['predictor'] == 'fixed-random'
+    summary = json.load(open(tmp_path / 'all' / 'summary.json'))
+    assert sorted(summary['figures']) == ['3.4', '3.5a', '3.5b']
+    for paths in summary['figures'].values():
+        for rel in paths:
+            assert (tmp_path / 'all' / rel).exists()

@@ -31,15 +31,7 @@ import vae_solution as V  # noqa: E402
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_torch_state():
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures('isolated_torch_state')
 
 
 def _tiny_vae(seed=0, z_dim=2, features=4, decoder_gain=3.0):
