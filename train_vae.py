@@ -225,7 +225,7 @@ def train(args, command='python train_vae.py'):
                                         f'VAE training wall-clock time on {config["device_name"]} '
                                         f'({len(train_x)} SVHN images per epoch)')]
     model.eval()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + 1)   # not args.seed: that would redraw the fixed z of the 1.3b grids
     figures['1.3d'] = [save_image_grid(model.sample(64), run.file('1.3d_final_samples.png'),
                                        f'64 samples from the VAE after {epoch} epochs '
                                        f'(decoder mean of z ~ N(0,I))')]

@@ -46,7 +46,8 @@ def pick_device(name):
 def device_description(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+    threads = torch.get_num_threads()
+    return f'cpu ({platform.processor() or platform.machine()}, {threads} thread{"s" if threads > 1 else ""})'
 
 
 def seed_everything(seed):
