@@ -28,7 +28,7 @@ def grid_array(images, nrow):
 def save_image_grid(images, path, title, nrow=8, row_labels=None, scale=0.45):
     """Save a grid of images with a title; optional row labels on the left (e.g. 'original' / 'reconstruction')."""
     rows = math.ceil(len(images) / nrow)
-    width = max(5.0, nrow * scale + (1.4 if row_labels else 0))
+    width = max(5.0, nrow * scale + (0.08 * max(map(len, row_labels)) + 0.3 if row_labels else 0))
     title = textwrap.fill(title, width=int(width * 11))  # ~11 characters per inch at 10 pt
     fig, ax = plt.subplots(figsize=(width, rows * scale + 0.6 + 0.2 * title.count('\n')))
     ax.imshow(grid_array(images, nrow), interpolation='nearest')

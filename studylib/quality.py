@@ -12,8 +12,11 @@ from scipy import linalg
 
 
 def psnr(a, b):
-    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), one value per image: (B,)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), one value per image: (B,).
+
+    Both sets are clamped to [-1, 1] first, as they are when shown or saved: a chain that overshoots the pixel
+    range is judged by the image it produces."""
+    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
@@ -21,7 +24,7 @@ def frechet_distance(feats_a, feats_b):
     """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between Gaussians fitted to two (N, D) arrays."""
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean = linalg.sqrtm(cov_a @ cov_b)
     covmean = np.real(covmean)  # sqrtm of a product of PSD matrices: imaginary parts are round-off
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
