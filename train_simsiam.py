@@ -279,7 +279,7 @@ def save_question_figures(out, qid, title, names, logs, rate_line=None):
         epochs = [r['epoch'] for r in logs[name]]
         left.plot(epochs, [r['train_loss'] for r in logs[name]], marker='o', markersize=3, label=name)
         right.plot(epochs, [r['knn_top1'] for r in logs[name]], marker='o', markersize=3)
-    left.set_ylabel('SimSiam loss (negative cosine, -1 = views identical)')
+    left.set_ylabel('loss: -cos(p, z)  (-1 = aligned)')
     right.set_ylabel('kNN top-1 on the test set (%)')
     for ax in (left, right):
         ax.set_xlabel('epoch')
@@ -296,12 +296,14 @@ def save_question_figures(out, qid, title, names, logs, rate_line=None):
     for name in names:
         ax.plot([r['epoch'] for r in logs[name]], [r['z_std'] for r in logs[name]], marker='o', markersize=3,
                 label=name)
-    for dim in sorted({rate_line[n] for n in names}):
+    dims = sorted({rate_line[n] for n in names})
+    for dim in dims:
         ax.axhline(1 / math.sqrt(dim), color='gray', linestyle='--', linewidth=1)
-        ax.annotate(f'1/sqrt({dim})', (ax.get_xlim()[0], 1 / math.sqrt(dim)), fontsize=8, va='bottom')
+        ax.annotate(f'healthy: 1/sqrt({dim})', (ax.get_xlim()[0], 1 / math.sqrt(dim)), fontsize=8, va='bottom')
     ax.set_xlabel('epoch')
     ax.set_ylabel('std of z/||z|| over the batch (mean over dims)')
-    ax.set_ylim(bottom=0)
+    highest = max([1 / math.sqrt(d) for d in dims] + [r['z_std'] for n in names for r in logs[n]])
+    ax.set_ylim(0, 1.25 * highest)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f'{qid}: collapse indicator (0 = collapsed)', fontsize=10)
     ax.grid(alpha=0.3)
