@@ -23,7 +23,7 @@ import vae_solution
 from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, load_split, to_unit_range
-from studylib.plots import save_image_grid, save_time_figure
+from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.quality import psnr, thumbnail_fd
 from studylib.run import (RunDir, load_checkpoint, open_run, pick_device, restore, seed_everything,
                           time_metrics)
@@ -135,7 +135,7 @@ def choose_t_star(t_primes, restored_psnr, chance_psnr):
 
 def save_sweep_figures(run, x0, noised, restored, t_primes, t_star, threshold, chance, epoch, timesteps):
     """2.2c: the image grid (original, then noised / restored per t') and the PSNR curve with t* marked."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [x0] + [r for pair in zip(noised, restored) for r in pair]
     labels = ['original'] + [lab for tp in t_primes
                              for lab in (f"noised to t'={tp}", 'restored' + ('  <- t*' if tp == t_star else ''))]
@@ -167,7 +167,7 @@ def save_final_samples(run, samples, epoch, timesteps, vae=None):
     title = f'{len(samples)} DDPM samples after {epoch} epochs (T={timesteps} reverse steps)'
     if vae is None:
         return save_image_grid(samples, run.file('2.2d_final_samples.png'), title)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from studylib.plots import grid_array
     vae_model, vae_epoch, vae_samples = vae
     nrow = math.ceil(math.sqrt(len(samples)))

@@ -24,6 +24,7 @@ from q3_misc import TwoCropsTransform
 from studylib import UserError
 from studylib.cli import make_parser, positive_float, positive_int, run_main
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
+from studylib.plots import pyplot
 from studylib.run import RunDir, make_config, pick_device, restore, seed_everything, time_metrics
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -270,9 +271,7 @@ def train_config(args, name, data, device, command):
 
 def save_question_figures(out, qid, title, names, logs, rate_line=None):
     """Loss and kNN accuracy against epoch (two panels, one legend), and the collapse indicator."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:

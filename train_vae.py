@@ -18,7 +18,7 @@ import vae_solution
 from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
-from studylib.plots import save_image_grid, save_time_figure
+from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.run import open_run, pick_device, restore, seed_everything, time_metrics
 
 EVAL_BATCH = 500
@@ -90,7 +90,7 @@ def save_progress_figures(model, run, epoch, fixed_z, fixed_x):
 @torch.no_grad()
 def save_latent_profiles(model, images, labels, per_class, run, epoch):
     """1.3e: mean posterior mean of `per_class` training images of each digit, one bar plot per digit."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     model.eval()
     idx = first_per_class(labels.cpu(), per_class).to(images.device)
     mu = torch.cat([model.encode(to_unit_range(images[idx[b]])).mean

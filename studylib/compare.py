@@ -12,6 +12,7 @@ import sys
 
 from . import UserError
 from .cli import HelpFormatter, user_errors
+from .plots import pyplot
 from .run import RunDir
 
 
@@ -33,9 +34,7 @@ def compare(run_dirs, out_dir):
     runs = sorted((read_ddpm_run(p) | {'run': p} for p in run_dirs), key=lambda m: m['timesteps'])
     if len({m['timesteps'] for m in runs}) != len(runs):
         raise UserError('two of the runs have the same T: give one run per T')
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = RunDir(out_dir)
     os.makedirs(out_dir, exist_ok=True)

@@ -6,11 +6,18 @@ where several lines share axes, so it reads without the code.
 import math
 import textwrap
 
-import matplotlib
+import torch
 
-matplotlib.use('Agg')  # files only: drivers run on headless GPU boxes and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (drivers run on headless GPU boxes and in CI).
+
+    Imported on first use, not with this module: a driver that stops at a missing dataset file should not pay
+    for matplotlib's import first."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def grid_array(images, nrow):
@@ -27,6 +34,7 @@ def grid_array(images, nrow):
 
 def save_image_grid(images, path, title, nrow=8, row_labels=None, scale=0.45):
     """Save a grid of images with a title; optional row labels on the left (e.g. 'original' / 'reconstruction')."""
+    plt = pyplot()
     rows = math.ceil(len(images) / nrow)
     width = max(5.0, nrow * scale + (0.08 * max(map(len, row_labels)) + 0.3 if row_labels else 0))
     title = textwrap.fill(title, width=int(width * 11))  # ~11 characters per inch at 10 pt
@@ -53,6 +61,7 @@ def save_time_figure(epochs, seconds, path, title, note=None):
     """Wall-clock training time: cumulative seconds against epoch (left) and seconds of each epoch (right).
 
     `note` is a line under the title, e.g. the time it takes to sample one batch."""
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     cumulative = [0.0]
     for s in seconds:
@@ -80,6 +89,7 @@ def save_time_figure(epochs, seconds, path, title, note=None):
 
 def save_curves(epochs, series, path, title, ylabel):
     """Several named series against epoch on one axis, with a legend. series: {label: [values]}."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, values in series.items():
         ax.plot(epochs, values, marker='o', markersize=3, label=label)
