@@ -31,8 +31,11 @@ def frechet_distance(feats_a, feats_b):
 
 
 def thumbnail_features(images):
-    """(N, 3, 32, 32) in [-1, 1] -> (N, 192): 4x4 average pooling to 8x8 colour thumbnails."""
-    return F.avg_pool2d(images.float().cpu(), 4).flatten(1).numpy()
+    """(N, 3, 32, 32) in [-1, 1] -> (N, 192): 4x4 average pooling to 8x8 colour thumbnails.
+
+    Images are clamped to [-1, 1] first, as they are when shown: an undertrained sampler whose pixels overshoot
+    is judged by the images it produces, not by how far it overshoots."""
+    return F.avg_pool2d(images.float().cpu().clamp(-1, 1), 4).flatten(1).numpy()
 
 
 def thumbnail_fd(images_a, images_b):
