@@ -103,11 +103,6 @@ def to_unit_range(images):
     return images.float().div_(127.5).sub_(1.0)
 
 
-def to_uint8(images):
-    """float [-1, 1] -> uint8 [0, 255] (clamped): the inverse of to_unit_range up to rounding."""
-    return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-
-
 def batch_indices(n, batch_size, generator=None, shuffle=True, drop_last=False):
     """Index tensors of one pass over n items, reshuffled by `generator` when shuffle is set."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)

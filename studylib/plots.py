@@ -86,21 +86,3 @@ def save_time_figure(epochs, seconds, path, title, note=None):
     plt.close(fig)
     return path
 
-
-def save_curves(epochs, series, path, title, ylabel):
-    """Several named series against epoch on one axis, with a legend. series: {label: [values]}."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for label, values in series.items():
-        ax.plot(epochs, values, marker='o', markersize=3, label=label)
-    from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel('epoch')
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -12,8 +12,7 @@ import torch
 from scipy.io import savemat
 
 from studylib import UserError
-from studylib.data import (batch_indices, first_per_class, load_cifar10, load_svhn, to_uint8,
-                           to_unit_range)
+from studylib.data import batch_indices, first_per_class, load_cifar10, load_svhn, to_unit_range
 from studylib.run import (RunDir, load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
 
 
@@ -54,11 +53,11 @@ def test_missing_and_corrupt_files_are_user_errors(tmp_path):
         load_svhn(str(tmp_path), 'test', download=False)
 
 
-def test_unit_range_round_trip():
+def test_unit_range_is_p_over_127_5_minus_1():
     x = torch.arange(256, dtype=torch.uint8)
-    y = to_unit_range(x)
-    assert y.min() == -1 and y.max() == 1
-    assert torch.equal(to_uint8(y), x)
+    assert torch.allclose(to_unit_range(x), torch.arange(256, dtype=torch.float64).div(127.5).sub(1).float(),
+                          atol=1e-6)
+    assert to_unit_range(x)[0] == -1 and to_unit_range(x)[-1] == 1
 
 
 def test_batch_indices_cover_each_index_once():
