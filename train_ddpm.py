@@ -229,9 +229,9 @@ def train(args, command='python train_ddpm.py'):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)   # read once per epoch: no host sync per step
-        batches = batch_indices(len(train_x), args.batch_size, order_rng)
+        batches = batch_indices(len(train_x), args.batch_size, order_rng, device=device)
         for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
-            x = to_unit_range(train_x[idx.to(device)])                       # (B, 3, 32, 32) in [-1, 1]
+            x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
             t = diffusion.t_sample(len(idx), device)                          # (B,) in {0..T-1}
             loss = diffusion.p_losses(model, x, t)
             optimizer.zero_grad(set_to_none=True)

@@ -129,7 +129,7 @@ def embed(net, images):
     """net(normalised images) in eval mode, in chunks: (N, D)."""
     net.eval()
     return torch.cat([net(normalise(images[idx])) for idx in batch_indices(len(images), EVAL_BATCH,
-                                                                            shuffle=False)])
+                                                                            shuffle=False, device=images.device)])
 
 
 def backbone(model):
@@ -158,8 +158,7 @@ def linear_probe(model, train_x, train_y, test_x, test_y, epochs=100):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     g = torch.Generator().manual_seed(0)
     for _ in range(epochs):
-        for idx in batch_indices(len(train_f), 256, g):
-            idx = idx.to(train_f.device)
+        for idx in batch_indices(len(train_f), 256, g, device=train_f.device):
             loss = F.cross_entropy(classifier(train_f[idx]), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -53,7 +53,7 @@ def evaluate_elbo(model, images):
     """Mean -log p(x|z) and KL over `images` (uint8 on the model's device), one z draw per image."""
     model.eval()
     nll_sum = kl_sum = 0.0
-    for idx in batch_indices(len(images), EVAL_BATCH, shuffle=False):
+    for idx in batch_indices(len(images), EVAL_BATCH, shuffle=False, device=images.device):
         _, nll, kl = model(to_unit_range(images[idx]))
         nll_sum += nll.sum()
         kl_sum += kl.sum()
@@ -65,8 +65,8 @@ def test_log_likelihood(model, images, K):
     """Mean importance-sampled log p(x) (nats per image) over `images`."""
     model.eval()
     total = 0.0
-    for idx in tqdm(batch_indices(len(images), EVAL_BATCH, shuffle=False), desc=f'test log-likelihood, K={K}',
-                    leave=False):
+    batches = batch_indices(len(images), EVAL_BATCH, shuffle=False, device=images.device)
+    for idx in tqdm(batches, desc=f'test log-likelihood, K={K}', leave=False):
         total += model.log_likelihood(to_unit_range(images[idx]), K=K).sum()
     return float(total) / len(images)
 
@@ -189,9 +189,9 @@ def train(args, command='python train_vae.py'):
         model.train()
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)   # loss, nll, kl summed over images; read once per epoch
-        for idx in tqdm(batch_indices(len(train_x), args.batch_size, order_rng), desc=f'epoch {epoch}',
-                        leave=False):
-            x = to_unit_range(train_x[idx.to(device)])                      # (B, 3, 32, 32) in [-1, 1]
+        batches = batch_indices(len(train_x), args.batch_size, order_rng, device=device)
+        for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
+            x = to_unit_range(train_x[idx])                      # (B, 3, 32, 32) in [-1, 1]
             _, nll, kl = model(x)                                            # (B,), (B,)
             loss = (nll + kl).mean()
             optimizer.zero_grad(set_to_none=True)

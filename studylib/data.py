@@ -103,9 +103,10 @@ def to_unit_range(images):
     return images.float().div_(127.5).sub_(1.0)
 
 
-def batch_indices(n, batch_size, generator=None, shuffle=True, drop_last=False):
-    """Index tensors of one pass over n items, reshuffled by `generator` when shuffle is set."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+def batch_indices(n, batch_size, generator=None, shuffle=True, drop_last=False, device=None):
+    """Index tensors of one pass over n items, reshuffled by `generator` (a CPU generator, so the order does not
+    depend on the device) when shuffle is set; the whole order moves to `device` in one copy per pass."""
+    order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(device)
     stop = n - n % batch_size if drop_last else n
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
 

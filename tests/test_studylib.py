@@ -67,6 +67,10 @@ def test_batch_indices_cover_each_index_once():
     assert sorted(torch.cat(batches).tolist()) == list(range(10))
     assert [len(b) for b in batch_indices(10, 4, g, drop_last=True)] == [4, 4]
     assert torch.cat(batch_indices(5, 2, shuffle=False)).tolist() == [0, 1, 2, 3, 4]
+    # the order comes from the CPU generator alone: asking for a device must not change it (resume relies on it)
+    a = batch_indices(10, 4, torch.Generator().manual_seed(3))
+    b = batch_indices(10, 4, torch.Generator().manual_seed(3), device=torch.device('cpu'))
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
 
 
 def test_first_per_class():
