@@ -147,12 +147,25 @@ class RunDir:
     def save_checkpoint(self, **state):
         save_checkpoint(self.checkpoint_path, **state)
 
+    def provenance(self):
+        """How the run was made, from its config.json, so that a reader of summary.json alone can cite it."""
+        path = self.file('config.json')
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            config = json.load(f)
+        return {k: config[k] for k in PROVENANCE_KEYS if k in config}
+
     def write_summary(self, model, figures, metrics):
         """summary.json: what the report builder reads. Figures live in the run folder, named relative to it."""
         figures = {qid: [os.path.basename(p) for p in figures[qid]] for qid in sorted(figures)}
-        self.write_json('summary.json', {'model': model, 'figures': figures, 'metrics': metrics})
+        self.write_json('summary.json', {'model': model, 'figures': figures, 'metrics': metrics,
+                                         'run': self.provenance()})
         print(json.dumps(metrics, indent=2))
         print(f'run folder: {self.path}')
+
+
+PROVENANCE_KEYS = ('command', 'device_name', 'git_commit', 'torch_version', 'started', 'args')
 
 
 def time_metrics(rows):

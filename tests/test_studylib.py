@@ -148,7 +148,7 @@ def test_mismatched_weights_are_refused(tmp_path):
 
 def test_run_dir_refuses_to_clobber_and_resumes(tmp_path):
     run = RunDir(str(tmp_path / 'run'))
-    config = {'model': 'toy', 'model_config': {'d': 3}}
+    config = {'model': 'toy', 'model_config': {'d': 3}, 'command': 'python toy.py'}
     with pytest.raises(UserError, match='--resume: no checkpoint'):
         run.start(config, resume=True)
     assert run.start(config, resume=False) is None
@@ -167,7 +167,9 @@ def test_run_dir_refuses_to_clobber_and_resumes(tmp_path):
     assert [r['epoch'] for r in run.read_metrics()] == [1, 2]   # the row after the checkpoint is dropped
     run.write_summary('toy', {'1.3a': [run.file('a.png')]}, {'m': math.pi})
     summary = json.load(open(run.file('summary.json')))
-    assert summary == {'model': 'toy', 'figures': {'1.3a': ['a.png']}, 'metrics': {'m': math.pi}}
+    # the provenance comes from config.json, which is the config the run was started with
+    assert summary == {'model': 'toy', 'figures': {'1.3a': ['a.png']}, 'metrics': {'m': math.pi},
+                       'run': {'command': config['command']}}
 
 
 def test_psnr_against_its_definition():
