@@ -12,20 +12,19 @@ of unrelated image pairs (each test image against another one).
 """
 import argparse
 import math
-import os
 import time
 
 import torch
 from tqdm import tqdm
 
 import ddpm_solution
-import vae_solution
 from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.quality import psnr, thumbnail_fd
-from studylib.run import (RunDir, load_checkpoint, open_run, pick_device, restore, seed_everything,
+from studylib.trained import load_vae
+from studylib.run import (open_run, pick_device, restore, seed_everything,
                           time_metrics)
 
 SWEEP_IMAGES = 8
@@ -71,19 +70,6 @@ def parse_args(argv=None):
     if args.t_primes[-1] >= args.timesteps:
         parser.error(f"--t-primes: {args.t_primes[-1]} is not a step index of T={args.timesteps} (max T-1)")
     return args
-
-
-def load_vae(run_dir, device):
-    """The final VAE of a train_vae.py run folder, rebuilt from its checkpoint alone."""
-    path = RunDir(run_dir).checkpoint_path
-    if not os.path.exists(path):
-        raise UserError(f'--compare-vae {run_dir}: no checkpoint.pt there; pass a train_vae.py run folder')
-    ckpt = load_checkpoint(path)
-    if ckpt['model_name'] != 'vae':
-        raise UserError(f'--compare-vae {run_dir}: that folder holds a {ckpt["model_name"]} run, not a VAE run')
-    model = vae_solution.VAE(**ckpt['model_config'], device=device)
-    model.load_state_dict(ckpt['model'])
-    return model.to(device).eval(), ckpt['epoch']
 
 
 @torch.no_grad()

@@ -238,3 +238,14 @@ def restore(ckpt, model, optimizer=None):
         raise UserError(f'checkpoint weights do not fit the model ({str(exc).splitlines()[0]}); '
                         f'it was left untouched') from exc
     set_rng_state(ckpt['rng'])
+
+
+def load_trained(run_dir, model_name, flag):
+    """The checkpoint of a finished run folder of `model_name`, or one line saying what `flag` should point at."""
+    path = RunDir(run_dir).checkpoint_path
+    if not os.path.exists(path):
+        raise UserError(f'{flag} {run_dir}: no checkpoint.pt there; pass a {model_name} run folder')
+    ckpt = load_checkpoint(path)
+    if ckpt['model_name'] != model_name:
+        raise UserError(f'{flag} {run_dir}: that folder holds a {ckpt["model_name"]} run, not a {model_name} run')
+    return ckpt

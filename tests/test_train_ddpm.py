@@ -148,3 +148,21 @@ def test_t_prime_sweep_restores_each_image_from_its_own_t_prime():
     # the noised inputs are q_sample draws at their own t': their spread around sqrt(abar) x0 grows with t'
     spread = [(noised[k] - diffusion.sqrt_alphas_cumprod[tp] * x0).std().item() for k, tp in enumerate(t_primes)]
     assert spread[0] < spread[1] < spread[2]
+
+
+def test_probe_writes_2_3b_from_the_two_run_folders(ddpm_runs, vae_run, data_dir, tmp_path):
+    from studylib import probe
+    root, _, _ = ddpm_runs
+    args = ['--ddpm', str(root / 'T20'), '--vae', str(vae_run), '--data-dir', data_dir, '--no-download',
+            '--device', 'cpu', '--limit-train', '60', '--limit-test', '30', '--out-dir', str(tmp_path / 'probe')]
+    metrics = probe.main(args + ['--t', '0,19'])
+    summary = json.load(open(tmp_path / 'probe' / 'summary.json'))
+    assert summary['model'] == 'ddpm-probe' and summary['figures'] == {'2.3b': ['2.3b_feature_probe.png']}
+    assert summary['run']['command'].startswith('python -m studylib.probe --ddpm')
+    assert metrics['t'] == [0, 19] and sorted(metrics['accuracy']) == ['pixels', 'unet', 'vae']
+    assert all(0 <= metrics['accuracy'][s][f't{t}'] <= 100 for s in metrics['accuracy'] for t in (0, 19))
+    with Image.open(tmp_path / 'probe' / '2.3b_feature_probe.png') as im:
+        im.verify()
+    with pytest.raises(SystemExit) as exc:   # T=20 has steps 0..19
+        probe.main(args + ['--t', '20'])
+    assert exc.value.code == 2

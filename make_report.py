@@ -1,0 +1,411 @@
+"""Build the study's report.pdf from finished run folders: every figure, metric table and written answer.
+
+    python make_report.py plots/vae plots/ddpm plots/ddpm-probe plots/simsiam --out plots/report.pdf
+
+Reads only each run folder's summary.json (SPEC.md, "The run folder") and the written answers in
+report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
+summary's "model" (vae, ddpm, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its "metrics" and FORMAT is
+an optional Python format spec, so the text never drifts from the runs. A run that was not given shows as
+"not run yet: <command>" wherever it is needed; the report is still built.
+"""
+import argparse
+import html
+import json
+import os
+import re
+import sys
+import time
+
+from studylib import UserError
+from studylib.cli import HelpFormatter, user_errors
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ANSWERS = os.path.join(ROOT, 'report', 'answers.md')
+
+PROBLEMS = [
+    ('Problem 1: a variational autoencoder on SVHN', ['vae'],
+     ['1.3a', '1.3b', '1.3c', '1.3d', '1.3e', '1.3f']),
+    ('Problem 2: a denoising diffusion model on SVHN', ['ddpm', 'ddpm-compare', 'ddpm-probe'],
+     ['2.2a', '2.2b', '2.2c', '2.2d', '2.3a', '2.3b']),
+    ('Problem 3: SimSiam on CIFAR-10', ['simsiam'],
+     ['3.4', '3.5a', '3.5b', '3.5c', '3.6', '3.7', '3.8', '3.9']),
+]
+QUESTION_IDS = [qid for _, _, ids in PROBLEMS for qid in ids]
+# The run whose figures answer each question; the others are written answers only.
+FIGURE_SOURCE = {**{q: 'vae' for q in QUESTION_IDS if q.startswith('1.')},
+                 **{q: 'ddpm' for q in ('2.2a', '2.2b', '2.2c', '2.2d')},
+                 '2.3a': 'ddpm-compare', '2.3b': 'ddpm-probe', '3.4': 'simsiam', '3.5a': 'simsiam', '3.5b': 'simsiam'}
+HOW_TO_RUN = {
+    'vae': 'python train_vae.py --out-dir runs/vae',
+    'ddpm': 'python train_ddpm.py --compare-vae runs/vae --out-dir runs/ddpm',
+    'ddpm-compare': 'python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500, the same with --timesteps 1500 '
+                    '--out-dir runs/ddpm-T1500, then python -m studylib.compare runs/ddpm-T500 runs/ddpm '
+                    'runs/ddpm-T1500 --out-dir runs/ddpm-compare',
+    'ddpm-probe': 'python -m studylib.probe --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe',
+    'simsiam': 'python train_simsiam.py --experiment all --out-dir runs/simsiam',
+}
+RUN_TITLES = {'vae': 'VAE run', 'ddpm': 'DDPM run', 'ddpm-compare': '2.3a: DDPM runs against T',
+              'ddpm-probe': '2.3b: linear probe of frozen features', 'simsiam': 'SimSiam runs'}
+PLACEHOLDER = re.compile(r'\{\{\s*([A-Za-z0-9_.-]+?)\s*(?::([^}]*))?\}\}')
+MISSING = '\x00'   # marks text that reports a missing run or number, rendered in red
+
+
+# ---------------------------------------------------------------------------------------------- reading the inputs
+
+def read_runs(run_dirs):
+    """{model: (run folder, summary)}; of several DDPM runs the T=1000 one (the seed's) answers 2.2."""
+    runs = {}
+    for path in run_dirs:
+        summary_path = os.path.join(path, 'summary.json')
+        if not os.path.exists(summary_path):
+            raise UserError(f'{path} has no summary.json: pass finished run folders (train_*.py, studylib.compare, '
+                            f'studylib.probe)')
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+            key = summary['model']
+            summary['figures'], summary['metrics']   # noqa: B018 -- both are required
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f'{summary_path} is not a run summary ({type(exc).__name__}: {exc})') from exc
+        if key in runs:
+            if key != 'ddpm':
+                raise UserError(f'two {key} runs given ({runs[key][0]} and {path}): pass one')
+            if runs[key][1]['metrics'].get('timesteps') == 1000:
+                continue
+        runs[key] = (path, summary)
+    return runs
+
+
+def parse_answers(text):
+    """answers.md -> ({question id: (title, markdown body)}, references markdown)."""
+    answers, references = {}, ''
+    for block in re.split(r'^## ', text, flags=re.M)[1:]:
+        heading, _, body = block.partition('\n')
+        qid, _, title = heading.strip().partition(' ')
+        if qid == 'References':
+            references = body.strip()
+        else:
+            answers[qid] = (title.strip(), body.strip())
+    return answers, references
+
+
+def lookup(runs, path, spec, told=None):
+    """The text of one placeholder: the formatted number, or a marked note of what is missing (the command that
+    makes a missing run is given once per answer: `told` holds the runs already explained)."""
+    key, *keys = path.split('.')
+    if key not in runs:
+        if told is not None and key in told:
+            return MISSING + 'not run yet' + MISSING
+        if told is not None:
+            told.add(key)
+        return MISSING + f'not run yet: {HOW_TO_RUN.get(key, key)}' + MISSING
+    value = runs[key][1]['metrics']
+    for k in keys:
+        if not isinstance(value, dict) or k not in value:
+            if key == 'simsiam' and value is runs[key][1]['metrics']:
+                return MISSING + f'not run yet: configuration {k} ({HOW_TO_RUN["simsiam"]})' + MISSING
+            return MISSING + f'not measured in {runs[key][0]}' + MISSING
+        value = value[k]
+    if isinstance(value, list):
+        return ', '.join(format_value(v, spec) for v in value)
+    return format_value(value, spec)
+
+
+def format_value(value, spec=None):
+    if spec:
+        try:
+            return format(value, spec)
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    return str(value)
+
+
+def fill(text, runs):
+    told = set()
+    return PLACEHOLDER.sub(lambda m: lookup(runs, m.group(1), m.group(2), told), text)
+
+
+# ------------------------------------------------------------------------------------------------------ rendering
+
+def fonts():
+    """DejaVu (shipped with matplotlib) covers the Greek and maths symbols the answers use; Helvetica does not."""
+    import matplotlib
+    from reportlab.lib.fonts import addMapping
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.ttfonts import TTFont
+    folder = os.path.join(os.path.dirname(matplotlib.__file__), 'mpl-data', 'fonts', 'ttf')
+    for name, file, bold, italic in [('DejaVu', 'DejaVuSans', 0, 0), ('DejaVu-B', 'DejaVuSans-Bold', 1, 0),
+                                     ('DejaVu-I', 'DejaVuSans-Oblique', 0, 1),
+                                     ('DejaVu-BI', 'DejaVuSans-BoldOblique', 1, 1),
+                                     ('DejaVuMono', 'DejaVuSansMono', 0, 0)]:
+        if name not in pdfmetrics.getRegisteredFontNames():
+            pdfmetrics.registerFont(TTFont(name, os.path.join(folder, file + '.ttf')))
+        if name != 'DejaVuMono':
+            addMapping('DejaVu', bold, italic, name)
+
+
+def make_styles():
+    from reportlab.lib.colors import HexColor
+    from reportlab.lib.styles import ParagraphStyle
+    base = ParagraphStyle('body', fontName='DejaVu', fontSize=9.5, leading=13, spaceAfter=5)
+    return {
+        'body': base,
+        'title': ParagraphStyle('title', base, fontName='DejaVu-B', fontSize=20, leading=26, spaceAfter=12),
+        'h1': ParagraphStyle('h1', base, fontName='DejaVu-B', fontSize=15, leading=20, spaceBefore=6, spaceAfter=8),
+        'h2': ParagraphStyle('h2', base, fontName='DejaVu-B', fontSize=12, leading=16, spaceBefore=10,
+                             spaceAfter=5, textColor=HexColor('#1f3b73'), keepWithNext=1),
+        'h3': ParagraphStyle('h3', base, fontName='DejaVu-B', fontSize=10, leading=13, spaceBefore=6,
+                             keepWithNext=1),
+        'bullet': ParagraphStyle('bullet', base, leftIndent=14, bulletIndent=4, spaceAfter=2),
+        'caption': ParagraphStyle('caption', base, fontSize=7.5, leading=9.5, textColor=HexColor('#444444'),
+                                  spaceAfter=8),
+        'cell': ParagraphStyle('cell', base, fontSize=7.5, leading=9.5, spaceAfter=0),
+        'missing': ParagraphStyle('missing', base, textColor=HexColor('#b00000')),
+    }
+
+
+def inline(text):
+    """The answers' markdown subset (**bold**, *italic*, `code`) and missing-value marks -> reportlab markup."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r'`([^`]+)`', r'<font face="DejaVuMono">\1</font>', text)
+    text = re.sub(r'\*\*(.+?)\*\*', r'<b>\1</b>', text)
+    text = re.sub(r'(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])', r'<i>\1</i>', text)
+    return re.sub(MISSING + '(.*?)' + MISSING, r'<font color="#b00000"><i>[\1]</i></font>', text)
+
+
+def markdown(text, styles):
+    from reportlab.platypus import Paragraph
+    out = []
+    for block in re.split(r'\n\s*\n', text.strip()):
+        lines = block.split('\n')
+        if lines[0].lstrip().startswith('- '):   # a list: '- ' starts an item, other lines continue it
+            items = []
+            for line in lines:
+                if line.lstrip().startswith('- '):
+                    items.append(line.lstrip()[2:])
+                else:
+                    items[-1] += ' ' + line.strip()
+            out += [Paragraph(inline(item), styles['bullet'], bulletText='•') for item in items]
+        elif block.strip():
+            out.append(Paragraph(inline(' '.join(line.strip() for line in lines)), styles['body']))
+    return out
+
+
+def image_flowable(path, max_width, max_height):
+    from PIL import Image as PILImage
+    from reportlab.platypus import Image
+    with PILImage.open(path) as img:
+        w, h = img.size
+    w_pt, h_pt = w * 72 / 110, h * 72 / 110      # the figures are saved at 110 dpi
+    scale = min(1.0, max_width / w_pt, max_height / h_pt)
+    return Image(path, width=w_pt * scale, height=h_pt * scale)
+
+
+def provenance_text(path, summary):
+    run = summary.get('run', {})
+    parts = [f'run folder {path}']
+    if run.get('command'):
+        parts.append(f'command: {run["command"]}')
+    if run.get('device_name') or summary['metrics'].get('device'):
+        parts.append(f'device: {run.get("device_name") or summary["metrics"].get("device")}')
+    if run.get('git_commit'):
+        parts.append(f'code: {run["git_commit"][:12]}')
+    if run.get('started'):
+        parts.append(f'started {run["started"]}')
+    return '; '.join(parts)
+
+
+def figure_block(qid, path, summary, styles, frame_width, max_height):
+    """The question's figures, small ones two to a row, each captioned with its id and the run's provenance."""
+    from reportlab.platypus import KeepTogether, Paragraph
+    files = summary['figures'].get(qid, [])
+    where = provenance_text(path, summary)
+    out, row = [], []
+    for i, name in enumerate(files, 1):
+        file = os.path.join(path, name)
+        label = f'Figure {qid}' + (f' ({i} of {len(files)})' if len(files) > 1 else '') + f': {name}'
+        if not os.path.exists(file):
+            out.append(Paragraph(inline(f'{MISSING}{label} is listed in {path}/summary.json but missing{MISSING}'),
+                                 styles['body']))
+            continue
+        small = len(files) > 2 and image_flowable(file, 1e9, 1e9).drawWidth < 0.8 * frame_width
+        if small:
+            row.append([image_flowable(file, frame_width / 2 - 8, max_height / 2),
+                        Paragraph(inline(label), styles['caption'])])
+            if len(row) == 2:
+                out.append(_pair(row, frame_width))
+                row = []
+        else:
+            out.append(KeepTogether([image_flowable(file, frame_width, max_height),
+                                     Paragraph(inline(label), styles['caption'])]))
+    if row:
+        out.append(_pair(row, frame_width))
+    if files:
+        out.append(Paragraph(inline(f'All figures of {qid}: {where}.'), styles['caption']))
+    return out
+
+
+def _pair(cells, frame_width):
+    from reportlab.platypus import Table, TableStyle
+    table = Table([cells], colWidths=[frame_width / 2] * 2)
+    table.setStyle(TableStyle([('VALIGN', (0, 0), (-1, -1), 'TOP'), ('ALIGN', (0, 0), (-1, -1), 'CENTER')]))
+    return table
+
+
+def metric_tables(metrics, styles, frame_width):
+    """Every metric of a summary: scalars as name/value rows, parallel lists as columns, and dicts as matrices
+    (SimSiam configurations or T values as columns; a dict of dicts, like the probe's accuracies, as its own)."""
+    from reportlab.platypus import Paragraph
+    out = []
+    scalars = [[k, format_value(v)] for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    if scalars:
+        out.append(_table([['metric', 'value']] + scalars, styles, frame_width, [0.4, 0.6]))
+    lists = {k: v for k, v in metrics.items() if isinstance(v, list)}
+    if lists:
+        n = max(len(v) for v in lists.values())
+        rows = [[format_value(v[i]) if i < len(v) else '' for v in lists.values()] for i in range(n)]
+        out.append(_table([list(lists)] + rows, styles, frame_width))
+    flat = {k: v for k, v in metrics.items() if isinstance(v, dict) and not any(isinstance(x, dict)
+                                                                                 for x in v.values())}
+    if flat:
+        out.append(_matrix(flat, styles, frame_width))
+    for name, value in metrics.items():
+        if isinstance(value, dict) and name not in flat:
+            out.append(Paragraph(inline(f'**{name}**'), styles['cell']))
+            out.append(_matrix({k: v for k, v in value.items() if isinstance(v, dict)}, styles, frame_width))
+    return out
+
+
+def _matrix(columns, styles, frame_width):
+    rows = list(dict.fromkeys(k for column in columns.values() for k in column))
+    table = [[''] + list(columns)] + [[r] + [format_value(c[r]) if r in c else '' for c in columns.values()]
+                                      for r in rows]
+    return _table(table, styles, frame_width)
+
+
+def _table(rows, styles, frame_width, fractions=None):
+    from reportlab.lib.colors import HexColor
+    from reportlab.platypus import Paragraph, Table, TableStyle
+    cols = len(rows[0])
+    fractions = fractions or [1 / cols] * cols
+    cells = [[Paragraph(inline(str(c)), styles['cell']) for c in row] for row in rows]
+    table = Table(cells, colWidths=[frame_width * f for f in fractions], repeatRows=1, hAlign='LEFT')
+    table.setStyle(TableStyle([
+        ('BACKGROUND', (0, 0), (-1, 0), HexColor('#e4e9f2')),
+        ('GRID', (0, 0), (-1, -1), 0.3, HexColor('#999999')),
+        ('VALIGN', (0, 0), (-1, -1), 'TOP'),
+        ('TOPPADDING', (0, 0), (-1, -1), 1.5), ('BOTTOMPADDING', (0, 0), (-1, -1), 1.5),
+    ]))
+    return table
+
+
+def build(runs, answers_text, out_path):
+    """Write the PDF; returns the number of pages."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import cm
+    from reportlab.platypus import KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer
+    fonts()
+    styles = make_styles()
+    answers, references = parse_answers(answers_text)
+    page_w, page_h = A4
+    frame_width, max_height = page_w - 4 * cm, page_h * 0.42
+
+    class Doc(SimpleDocTemplate):
+        """Headings become PDF bookmarks, so a reader can jump to any question id."""
+
+        def afterFlowable(self, flowable):
+            level = getattr(flowable, 'outline_level', None)
+            if level is not None:
+                key = f'h{id(flowable)}'
+                self.canv.bookmarkPage(key)
+                self.canv.addOutlineEntry(flowable.outline_title, key, level=level, closed=False)
+
+    def heading(text, style, level):
+        p = Paragraph(inline(text), styles[style])
+        p.outline_level, p.outline_title = level, text
+        return p
+
+    story = [Paragraph('Generative and self-supervised models: the study', styles['title']),
+             Paragraph(inline(f'Built {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by '
+                              f'`python make_report.py` from these runs (their summary.json files):'), styles['body'])]
+    for key, (path, summary) in runs.items():
+        story.append(Paragraph(inline(f'**{key}**: {provenance_text(path, summary)}'), styles['bullet'],
+                               bulletText='•'))
+    missing = [k for k in HOW_TO_RUN if k not in runs]
+    for key in missing:
+        story.append(Paragraph(inline(f'**{key}**: {MISSING}not run yet: {HOW_TO_RUN[key]}{MISSING}'),
+                               styles['bullet'], bulletText='•'))
+    story.append(Paragraph(inline('Numbers in the answers come from these summaries through placeholders, so they '
+                                  'always match the runs; red bracketed text marks a run or a number that does not '
+                                  'exist yet, with the command that makes it.'), styles['body']))
+
+    for title, keys, qids in PROBLEMS:
+        story += [PageBreak(), heading(title, 'h1', 0)]
+        for key in keys:
+            if key in runs:
+                path, summary = runs[key]
+                story.append(Paragraph(inline(f'Measured: {RUN_TITLES[key]}'), styles['h3']))
+                story.append(Paragraph(inline(provenance_text(path, summary)), styles['caption']))
+                story += metric_tables(summary['metrics'], styles, frame_width)
+                story.append(Spacer(1, 6))
+        for qid in qids:
+            title_text, body = answers.get(qid, ('', ''))
+            block = [heading(f'{qid} {title_text}'.strip(), 'h2', 1)]
+            source = FIGURE_SOURCE.get(qid)
+            if source is not None:
+                if source not in runs:
+                    block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not run yet: {HOW_TO_RUN[source]}'
+                                                  f'{MISSING}'), styles['body']))
+                elif qid not in runs[source][1]['figures']:
+                    block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not in {runs[source][0]}; make them '
+                                                  f'with {HOW_TO_RUN[source]}{MISSING}'), styles['body']))
+                else:
+                    block += figure_block(qid, *runs[source], styles, frame_width, max_height)
+            if body:
+                block += markdown(fill(body, runs), styles)
+            else:
+                block.append(Paragraph(inline(f'{MISSING}no written answer for {qid} in report/answers.md{MISSING}'),
+                                       styles['body']))
+            story += [KeepTogether(block[:2])] + block[2:]   # a heading never ends a page alone
+    if references:
+        story += [PageBreak(), heading('References', 'h1', 0)] + markdown(references, styles)
+
+    def footer(canvas, doc):
+        canvas.saveState()
+        canvas.setFont('DejaVu', 7.5)
+        canvas.drawRightString(page_w - 2 * cm, 1.2 * cm, f'page {doc.page}')
+        canvas.drawString(2 * cm, 1.2 * cm, 'VAE, DDPM and SimSiam study report')
+        canvas.restoreState()
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + '.tmp'
+    doc = Doc(tmp, pagesize=A4, leftMargin=2 * cm, rightMargin=2 * cm, topMargin=1.8 * cm, bottomMargin=1.8 * cm,
+              title='VAE, DDPM and SimSiam study report', author='make_report.py')
+    doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    os.replace(tmp, out_path)
+    return doc.page
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
+    parser.add_argument('runs', nargs='*', metavar='RUN_DIR',
+                        help='finished run folders (each with summary.json); missing ones are marked in the report')
+    parser.add_argument('--out', default='report.pdf', help='the PDF to write')
+    parser.add_argument('--answers', default=DEFAULT_ANSWERS, help='the written answers (markdown with placeholders)')
+    args = parser.parse_args(argv)
+    with user_errors():
+        runs = read_runs(args.runs)
+        try:
+            with open(args.answers) as f:
+                answers = f.read()
+        except OSError as exc:
+            raise UserError(f'cannot read the answers {args.answers} ({exc.strerror})') from exc
+        pages = build(runs, answers, args.out)
+        print(f'{args.out}: {pages} pages from {len(runs)} runs ({", ".join(runs) or "none"})')
+        return pages
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,99 @@
+"""make_report.py: placeholders filled from summary.json, missing runs marked, a PDF with every question id."""
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+import make_report
+from conftest import ROOT
+
+
+def _run(folder, model, figures, metrics):
+    folder.mkdir(parents=True)
+    for names in figures.values():
+        for name in names:
+            Image.new('RGB', (440, 300), (200, 30, 30)).save(folder / name)
+    summary = {'model': model, 'figures': figures, 'metrics': metrics,
+               'run': {'command': f'python train_{model}.py', 'device_name': 'cpu (test)'}}
+    (folder / 'summary.json').write_text(json.dumps(summary))
+    return str(folder)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    vae = _run(tmp_path / 'vae', 'vae', {'1.3a': ['1.3a_time.png'], '1.3b': [f'1.3b_{i}.png' for i in range(3)]},
+               {'epochs': 30, 'test_bits_per_dim': 8.3505836, 'device': 'cpu (test)'})
+    simsiam = _run(tmp_path / 'simsiam', 'simsiam', {'3.4': ['3.4_loss.png']},
+                   {'baseline': {'final_knn_top1': 28.90625, 'epochs': 3},
+                    'no-stop-grad': {'final_knn_top1': 10.0, 'epochs': 3}})
+    return [vae, simsiam]
+
+
+def outline_titles(pdf_bytes):
+    """Bookmark titles of a PDF, decoded from its literal strings (PDF escapes; UTF-16 after a BOM)."""
+    titles = []
+    for raw in re.findall(rb'/Title\s*\(((?:[^()\\]|\\.)*)\)', pdf_bytes, flags=re.S):
+        unescaped = re.sub(rb'\\([0-7]{1,3}|.)', lambda m: bytes([int(m.group(1), 8)]) if m.group(1).isdigit()
+                           else {b'n': b'\n', b'r': b'\r', b't': b'\t'}.get(m.group(1), m.group(1)), raw)
+        titles.append(unescaped[2:].decode('utf-16-be') if unescaped.startswith(b'\xfe\xff')
+                      else unescaped.decode('latin-1'))
+    return titles
+
+
+def test_placeholders_take_numbers_from_the_summaries_and_mark_what_is_missing(two_runs):
+    runs = make_report.read_runs(two_runs)
+    text = ('{{vae.epochs}} epochs, {{vae.test_bits_per_dim:.2f}} bits/dim, kNN '
+            '{{simsiam.baseline.final_knn_top1:.1f}}%; {{ddpm.t_star}}; {{vae.nope}}; '
+            '{{simsiam.dim4096.final_knn_top1}}; {{ddpm.epochs}}')
+    filled = make_report.fill(text, runs)
+    parts = filled.split(make_report.MISSING)
+    assert parts[0] == '30 epochs, 8.35 bits/dim, kNN 28.9%; '
+    assert parts[1] == f'not run yet: {make_report.HOW_TO_RUN["ddpm"]}'
+    assert parts[3] == f'not measured in {two_runs[0]}'
+    assert parts[5].startswith('not run yet: configuration dim4096')
+    assert parts[7] == 'not run yet'   # the command for a missing run is given once per answer
+
+
+def test_report_has_a_page_per_part_and_every_question_id(two_runs, tmp_path):
+    out = tmp_path / 'out' / 'report.pdf'
+    pages = make_report.main(two_runs + ['--out', str(out)])
+    data = out.read_bytes()
+    assert data.startswith(b'%PDF') and data.rstrip().endswith(b'%%EOF')
+    assert len(re.findall(rb'/Type\s*/Page[^s]', data)) == pages >= 5   # title + 3 problems + references
+    titles = outline_titles(data)
+    for qid in make_report.QUESTION_IDS:
+        assert sum(t.startswith(qid + ' ') or t == qid for t in titles) == 1, qid
+    assert not (tmp_path / 'out' / 'report.pdf.tmp').exists()
+
+
+def test_every_question_has_a_written_answer_with_known_placeholders():
+    answers, references = make_report.parse_answers(open(make_report.DEFAULT_ANSWERS).read())
+    assert list(answers) == make_report.QUESTION_IDS
+    assert references.count('\n- ') >= 5
+    for qid, (title, body) in answers.items():
+        assert title and len(body.split()) >= 60, qid
+        for path, _ in make_report.PLACEHOLDER.findall(body):
+            assert path.split('.')[0] in make_report.HOW_TO_RUN, (qid, path)
+
+
+def test_committed_runs_resolve_every_placeholder_that_names_them():
+    """A typo in a placeholder would print 'not measured' in the committed report: none may."""
+    plots = os.path.join(ROOT, 'plots')
+    runs = make_report.read_runs([os.path.join(plots, name) for name in sorted(os.listdir(plots))
+                                  if os.path.exists(os.path.join(plots, name, 'summary.json'))])
+    text = open(make_report.DEFAULT_ANSWERS).read()
+    assert make_report.MISSING + 'not measured' not in make_report.fill(text, runs)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, two_runs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        make_report.main([str(tmp_path)])
+    assert exc.value.code == 2 and 'has no summary.json' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        make_report.main(two_runs + ['--answers', str(tmp_path / 'none.md'), '--out', str(tmp_path / 'r.pdf')])
+    assert exc.value.code == 2 and 'cannot read the answers' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        make_report.main(two_runs + [two_runs[0]])
+    assert 'two vae runs given' in capsys.readouterr().err
