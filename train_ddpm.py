@@ -8,7 +8,10 @@ Figures (question ids of the seed): 2.2a training and sampling time, 2.2b sample
 sweep (test images noised to t' and restored by the reverse process from t'), 2.2d final samples (beside the VAE's
 with --compare-vae). t* is the first t' whose restorations have lost half of their fidelity: the first t' where
 the mean PSNR of restored vs original falls below the midpoint between the PSNR at the smallest t' and the PSNR
-of unrelated image pairs (each test image against another one).
+of unrelated image pairs (each test image against another one). Sample quality (studylib.digit_net): the Frechet
+distance of a small SVHN digit classifier's features between the final samples and the first test images, and its
+confidence, for the DDPM, the VAE and, to calibrate, as many training images; the classifier is trained once and
+cached in --data-dir (digit_net.pt).
 """
 import argparse
 import math
@@ -22,7 +25,8 @@ from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
-from studylib.quality import psnr, thumbnail_fd
+from studylib.digit_net import digit_quality, load_or_train
+from studylib.quality import psnr
 from studylib.trained import load_vae
 from studylib.run import (open_run, pick_device, restore, seed_everything,
                           time_metrics)
@@ -148,23 +152,32 @@ def save_sweep_figures(run, x0, noised, restored, t_primes, t_star, threshold, c
     return [grid, curve], noised_psnr, restored_psnr
 
 
-def save_final_samples(run, samples, epoch, timesteps, vae=None):
-    """2.2d: the final DDPM samples, beside the VAE's when a VAE is given."""
-    title = f'{len(samples)} DDPM samples after {epoch} epochs (T={timesteps} reverse steps)'
+def quality_line(scores):
+    return f'digit FD {scores["digit_fd"]:.1f}, confidence {scores["digit_confidence"]:.2f}'
+
+
+def save_final_samples(run, samples, epoch, timesteps, vae, quality, n_reference):
+    """2.2d: the final DDPM samples, beside the VAE's when a VAE is given, each titled with its measured quality."""
+    n = len(samples)
+    calibration = (f'digit FD: Frechet distance of DigitNet features to {n_reference} test images (lower is better); '
+                   f'for calibration, {n} training images score {quality_line(quality["reference_"])}.')
     if vae is None:
-        return save_image_grid(samples, run.file('2.2d_final_samples.png'), title)
+        return save_image_grid(samples, run.file('2.2d_final_samples.png'),
+                               f'{n} DDPM samples after {epoch} epochs (T={timesteps} reverse steps)\n'
+                               f'{quality_line(quality[""])}\n{calibration}')
     plt = pyplot()
     from studylib.plots import grid_array
     vae_model, vae_epoch, vae_samples = vae
-    nrow = math.ceil(math.sqrt(len(samples)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 6))
-    for ax, images, name in [(axes[0], samples, f'DDPM, epoch {epoch}, T={timesteps}'),
-                             (axes[1], vae_samples, f'VAE, epoch {vae_epoch} (decoder mean)')]:
+    nrow = math.ceil(math.sqrt(n))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.4))
+    for ax, images, name, key in [(axes[0], samples, f'DDPM, epoch {epoch}, T={timesteps}', ''),
+                                  (axes[1], vae_samples, f'VAE, epoch {vae_epoch} (decoder mean)', 'vae_')]:
         ax.imshow(grid_array(images, nrow), interpolation='nearest')
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f'{name}\n{quality_line(quality[key])}', fontsize=10)
         ax.axis('off')
-    fig.suptitle(f'{len(samples)} samples from each model, trained on the same SVHN images', fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f'{n} samples from each model, trained on the same SVHN images', fontsize=11)
+    fig.text(0.5, 0.02, calibration, ha='center', fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = run.file('2.2d_ddpm_vs_vae.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -263,23 +276,29 @@ def train(args, command='python train_ddpm.py'):
     figures['2.2c'], noised_psnr, _ = save_sweep_figures(run, x0, noised, restored, args.t_primes, t_star,
                                                          threshold, chance, epoch, args.timesteps)
 
+    # ---- sample quality (studylib.digit_net): every set of N images is judged against the same test images
+    digit_net, digit_info = load_or_train(args.data_dir, device, not args.no_download)
+    reference = to_unit_range(test_x[:QUALITY_REFERENCE])
+    quality = {'': digit_quality(digit_net, samples, reference),
+               'reference_': digit_quality(digit_net, to_unit_range(train_x[:len(samples)]), reference)}
     vae_info = None
     if vae is not None:
         torch.manual_seed(args.seed)
         vae_info = (vae[0], vae[1], vae[0].sample(args.num_samples))
-    figures['2.2d'] = [save_final_samples(run, samples, epoch, args.timesteps, vae_info)]
+        quality['vae_'] = digit_quality(digit_net, vae_info[2], reference)
+    figures['2.2d'] = [save_final_samples(run, samples, epoch, args.timesteps, vae_info, quality,
+                                         len(reference))]
 
-    reference = to_unit_range(test_x[:QUALITY_REFERENCE])
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
                    final_train_loss=rows[-1]['train_loss'],
                    **time_metrics(rows),
                    sample_seconds=sample_seconds, sample_batch=args.num_samples,
                    t_star=t_star, t_star_threshold_psnr=threshold, chance_psnr=chance,
                    t_primes=args.t_primes, restored_psnr=restored_psnr, noised_psnr=noised_psnr,
-                   sample_thumbnail_fd=thumbnail_fd(samples, reference),
+                   **{prefix + k: v for prefix, scores in quality.items() for k, v in scores.items()},
+                   quality_samples=len(samples), quality_reference=len(reference),
+                   digit_net_test_accuracy=digit_info['test_accuracy'],
                    device=config['device_name'])
-    if vae_info is not None:
-        metrics['vae_sample_thumbnail_fd'] = thumbnail_fd(vae_info[2], reference)
     run.write_summary('ddpm', figures, metrics)
     return metrics
 

@@ -13,7 +13,7 @@ import sys
 from . import UserError
 from .cli import HelpFormatter, user_errors
 from .plots import pyplot
-from .run import RunDir
+from .run import RunDir, git_commit
 
 
 def read_ddpm_run(path):
@@ -30,7 +30,7 @@ def read_ddpm_run(path):
     return summary['metrics']
 
 
-def compare(run_dirs, out_dir):
+def compare(run_dirs, out_dir, command):
     runs = sorted((read_ddpm_run(p) | {'run': p} for p in run_dirs), key=lambda m: m['timesteps'])
     if len({m['timesteps'] for m in runs}) != len(runs):
         raise UserError('two of the runs have the same T: give one run per T')
@@ -38,10 +38,12 @@ def compare(run_dirs, out_dir):
 
     out = RunDir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    out.write_json('config.json', {'model': 'ddpm-compare', 'runs': list(run_dirs), 'command': command,
+                                   'git_commit': git_commit()})
     ts = [m['timesteps'] for m in runs]
     panels = [('seconds_per_epoch_mean', 'training time per epoch (s)'),
               ('sample_seconds', 'seconds to sample one batch'),
-              ('sample_thumbnail_fd', 'thumbnail Frechet distance\n(lower is better)')]
+              ('digit_fd', 'digit Frechet distance to test images\n(lower is better)')]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (key, label) in zip(axes, panels):
         ax.plot(ts, [m[key] for m in runs], marker='o')
@@ -49,6 +51,9 @@ def compare(run_dirs, out_dir):
         ax.set_ylabel(label)
         ax.set_xticks(ts)
         ax.grid(alpha=0.3)
+    axes[2].axhline(runs[0]['reference_digit_fd'], color='grey', ls='--',
+                    label=f'{runs[0]["sample_batch"]} training images')
+    axes[2].legend(fontsize=8)
     devices = sorted({m['device'] for m in runs})
     fig.suptitle(f'DDPM trade-off against T ({", ".join(devices)}; epochs: '
                  f'{", ".join(str(m["epochs"]) for m in runs)}; sampling batch: '
@@ -58,16 +63,21 @@ def compare(run_dirs, out_dir):
     fig.savefig(figure, dpi=110)
     plt.close(fig)
 
-    lines = ['| T | epochs | train s/epoch | sampling s (batch) | thumbnail FD | t* | run |',
-             '|---|---|---|---|---|---|---|']
+    lines = ['| T | epochs | train s/epoch | sampling s (batch) | digit FD | digit confidence | t* | run |',
+             '|---|---|---|---|---|---|---|---|']
     for m in runs:
         lines.append(f'| {m["timesteps"]} | {m["epochs"]} | {m["seconds_per_epoch_mean"]:.1f} | '
-                     f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["sample_thumbnail_fd"]:.3f} | '
+                     f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["digit_fd"]:.2f} | '
+                     f'{m["digit_confidence"]:.3f} | '
                      f'{m["t_star"]} | {m["run"]} |')
+    ref = runs[0]
+    lines.append(f'| training images (calibration) | | | ({ref["sample_batch"]}) | {ref["reference_digit_fd"]:.2f} | '
+                 f'{ref["reference_digit_confidence"]:.3f} | | |')
     with open(out.file('2.3a_table.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     metrics = {f'T{m["timesteps"]}': {k: m[k] for k in ('epochs', 'seconds_per_epoch_mean', 'sample_seconds',
-                                                          'sample_batch', 'sample_thumbnail_fd', 't_star',
+                                                          'sample_batch', 'digit_fd', 'digit_confidence',
+                                                          'reference_digit_fd', 'reference_digit_confidence', 't_star',
                                                           'device', 'run')} for m in runs}
     out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
     print('\n'.join(lines))
@@ -81,7 +91,8 @@ def main(argv=None):
     parser.add_argument('--out-dir', default='runs/ddpm-compare', help='where the 2.3a figure and table go')
     args = parser.parse_args(argv)
     with user_errors():
-        return compare(args.runs, args.out_dir)
+        return compare(args.runs, args.out_dir, 'python -m studylib.compare ' + ' '.join(
+            argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == '__main__':

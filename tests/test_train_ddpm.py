@@ -53,7 +53,9 @@ def test_every_figure_and_the_t_star_metric(ddpm_runs):
     assert m['t_primes'] == train_ddpm.default_t_primes(10) and m['t_star'] in m['t_primes']
     assert len(m['restored_psnr']) == len(m['t_primes']) == len(m['noised_psnr'])
     assert m['sample_seconds'] > 0 and m['sample_batch'] == 4
-    assert 'vae_sample_thumbnail_fd' in m and m['sample_thumbnail_fd'] >= 0
+    for prefix in ('', 'vae_', 'reference_'):   # the DDPM's, the VAE's and the training images' quality
+        assert m[prefix + 'digit_fd'] >= 0 and 0.1 <= m[prefix + 'digit_confidence'] <= 1
+    assert m['quality_samples'] == 4 and m['quality_reference'] == 16 and m['digit_net_test_accuracy'] > 10
     assert t20['t_primes'] == [0, 5, 19] and t20['t_star'] in (0, 5, 19)
     rows = [json.loads(line) for line in open(root / 'T10' / 'metrics.jsonl')]
     assert [r['epoch'] for r in rows] == [1, 2] and all('sample_seconds' in r for r in rows)

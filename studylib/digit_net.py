@@ -1,0 +1,311 @@
+"""An in-domain sample-quality measure for SVHN generators: a small digit classifier's Frechet distance and scores.
+
+The Inception weights of the standard FID cannot be downloaded on every machine this study runs on, so the samples
+are judged by DigitNet, a small CNN trained on the SVHN training split of the data folder and cached there
+(digit_net.pt). digit_quality(net, samples, reference) gives
+
+- digit_fd: the Frechet distance between Gaussians fitted to DigitNet's 128 penultimate features of the samples
+  and of the reference images (computed by torchmetrics' FrechetInceptionDistance with DigitNet as its feature
+  extractor). Lower is better, 0 for identical statistics. It sees digit shape and identity, not only colour and
+  layout;
+- digit_confidence: the mean largest class probability (higher: the samples look more like some digit);
+- digit_entropy: the mean predictive entropy in nats (lower is better; ln 10 = 2.30 is a uniform guess);
+- digit_score: exp(E_x KL(p(y|x) || p(y))), the Inception Score computed with DigitNet (higher is better, at most
+  10: confident about each sample, and all ten digits across samples).
+
+The numbers are only comparable between sample sets of the same size against the same reference set, judged by
+the same cached net: the FD estimate is biased upwards for small sets (by roughly tr(C) / N), and another net
+(other data, epochs or seed) has other features. Take the reference from the test split: the net has seen the
+training images, whose features sit apart from those of unseen digits (with the default net and N = 1000, test
+against train gives an FD of about 18, test against other test images about 6). The scores are not comparable
+with published Inception FIDs; on a connected machine inception_fd() gives the standard one.
+
+    python -m studylib.digit_net --data-dir ./data         # train once (1-2 minutes on one CPU core), cache
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import UserError
+from .cli import HelpFormatter, positive_int, user_errors
+from .data import batch_indices, load_split, to_unit_range
+from .run import pick_device
+
+FORMAT = 'studylib-digit-net-v1'
+CACHE_NAME = 'digit_net.pt'
+EPOCHS, BATCH_SIZE, LR, SEED = 6, 128, 3e-3, 0   # the cached net's settings (load_or_train)
+EVAL_BATCH = 256
+SHIFT = 2   # augmentation: random translation by up to SHIFT pixels each way (no flips: digits are not symmetric)
+
+
+class DigitNet(nn.Module):
+    """Three conv blocks (32-64-128 channels, each halving the resolution), a 128-unit feature layer, 10 logits.
+
+    Input: (B, 3, 32, 32) in [-1, 1]."""
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                    nn.MaxPool2d(2)]
+
+        self.body = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
+                                  nn.Linear(128 * 4 * 4, self.num_features), nn.ReLU())
+        self.head = nn.Linear(self.num_features, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _unit(images):
+    """uint8 images (as load_split gives them) -> [-1, 1]; float images are taken to be in [-1, 1] already."""
+    return to_unit_range(images) if images.dtype == torch.uint8 else images.float()
+
+
+def translate(x, shift, generator):
+    """Shift each image by its own random offset in [-shift, shift]^2, filling with the edge pixels.
+
+    One gather for the whole batch: the offsets index a padded copy."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, mode='replicate')
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b, 1), generator=generator).to(x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]   # (B, 1, 1, W)
+    return padded[torch.arange(b, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+@torch.no_grad()
+def accuracy(net, images, labels, batch_size=EVAL_BATCH):
+    """Top-1 accuracy in percent, in eval mode; the net's mode is restored afterwards."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    correct = sum((net(_unit(images[i:i + batch_size].to(device))).argmax(1).cpu() == labels[i:i + batch_size])
+                  .sum().item() for i in range(0, len(images), batch_size))
+    net.train(was_training)
+    return 100.0 * correct / len(images)
+
+
+def train_digit_net(train_x, train_y, test_x, test_y, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED,
+                    device='cpu'):
+    """Train a DigitNet from scratch: (net in eval mode, test accuracy in percent).
+
+    Images are uint8 (as load_split gives them) or float in [-1, 1]. AdamW with a one-cycle schedule, random
+    translations. The seed fixes the initial weights, the batch order and the augmentation without touching the
+    global RNGs (a driver calling this keeps its own random stream)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitNet()
+    net.to(device)
+    g = torch.Generator().manual_seed(seed)
+    train_x, train_y = train_x.to(device), train_y.to(device)   # uint8 stays uint8: converted a batch at a time
+    steps = [idx for _ in range(epochs) for idx in batch_indices(len(train_x), batch_size, g, device=device)]
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=len(steps))
+    net.train()
+    bar = tqdm(steps, desc=f'digit net ({len(train_x)} images, {epochs} epochs)')
+    for step, idx in enumerate(bar):
+        loss = F.cross_entropy(net(translate(_unit(train_x[idx]), SHIFT, g)), train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f'{loss.item():.3f}')
+    net.eval()
+    return net, accuracy(net, test_x, test_y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cache in the data folder
+
+def default_path(data_dir):
+    return os.path.join(data_dir, CACHE_NAME)
+
+
+def save_digit_net(path, net, info):
+    """Atomically (temp file + os.replace): an interrupted save never leaves a half-written cache behind."""
+    tmp = path + '.tmp'
+    torch.save({'format': FORMAT, 'model': net.state_dict(), 'info': info}, tmp)
+    os.replace(tmp, path)
+
+
+def load_digit_net(path, device='cpu'):
+    """(net in eval mode, info) from a cache written by save_digit_net; anything else is one UserError line."""
+    fix = 'delete it and rerun to train a new one (python -m studylib.digit_net --data-dir DIR --force)'
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)   # a cache is data, never code
+    except Exception as exc:   # truncated zip, random bytes, pickled code: all land here
+        raise UserError(f'digit-net cache {path} is unreadable or truncated ({type(exc).__name__}); {fix}') from exc
+    if not isinstance(state, dict) or state.get('format') != FORMAT:
+        raise UserError(f'{path} is not a digit-net cache (no {FORMAT} marker); {fix}')
+    net = DigitNet()
+    try:
+        net.load_state_dict(state['model'])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise UserError(f'the weights in {path} do not fit DigitNet ({str(exc).splitlines()[0]}); {fix}') from exc
+    return net.to(device).eval(), state['info']
+
+
+def train_and_save(data_dir, device='cpu', epochs=EPOCHS, batch_size=BATCH_SIZE, allow_download=True):
+    """Train on the whole SVHN training split of data_dir, test on the whole test split, cache: (net, info)."""
+    train_x, train_y = load_split('svhn', data_dir, 'train', allow_download)
+    test_x, test_y = load_split('svhn', data_dir, 'test', allow_download)
+    start = time.time()
+    net, acc = train_digit_net(train_x, train_y, test_x, test_y, epochs, batch_size, SEED, device)
+    info = dict(test_accuracy=acc, num_train=len(train_x), num_test=len(test_x), epochs=epochs,
+                batch_size=batch_size, seed=SEED, seconds=time.time() - start,   # training and testing
+                device=str(torch.device(device)))
+    path = default_path(data_dir)
+    save_digit_net(path, net, info)
+    print(f'digit net trained on {len(train_x)} SVHN images ({epochs} epochs, {info["seconds"]:.0f} s): '
+          f'{acc:.2f}% test accuracy on {len(test_x)} images; cached at {path}')
+    return net, info
+
+
+def load_or_train(data_dir, device='cpu', allow_download=True):
+    """The cached DigitNet of data_dir, trained (with the fixed defaults) and cached first when there is none."""
+    path = default_path(data_dir)
+    if os.path.exists(path):
+        return load_digit_net(path, device)
+    return train_and_save(data_dir, device, allow_download=allow_download)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the measures
+
+def _fid_metric_class():
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance   # slow to import; only the measures need it
+    except ImportError as exc:
+        raise UserError(f'the Frechet distance needs torchmetrics ({exc}): pip install torchmetrics') from exc
+    return FrechetInceptionDistance
+
+
+class _FeatureExtractor(nn.Module):
+    """A feature function in the form torchmetrics' FID takes as `feature`.
+
+    The metric calls it on each image batch given to update() and needs (B, num_features) back. With
+    `num_features` set it skips its probe call on a random (1, 3, 299, 299) image."""
+
+    def __init__(self, fn, num_features):
+        super().__init__()
+        # a plain function, not a submodule: the metric's .to() / .train() must not move or switch the caller's net
+        self.fn = fn
+        self.num_features = num_features
+
+    def forward(self, x):
+        # float64: the metric accumulates in float64 but hands back the distance in the features' dtype
+        return self.fn(x).double()
+
+
+@torch.no_grad()
+def feature_fd(features, num_features, samples, reference, batch_size=EVAL_BATCH, device=None):
+    """Frechet distance between Gaussians fitted to features(samples) and features(reference), by torchmetrics.
+
+    `features` maps a batch (B, ...) to (B, num_features); batches of `batch_size` go to `device` (by default
+    the samples' device)."""
+    device = torch.device(device) if device is not None else samples.device
+    metric = _fid_metric_class()(feature=_FeatureExtractor(features, num_features)).to(device)
+    for real, images in ((True, reference), (False, samples)):
+        for i in range(0, len(images), batch_size):
+            metric.update(images[i:i + batch_size].to(device), real=real)
+    return metric.compute().item()
+
+
+@torch.no_grad()
+def digit_quality(net, samples, reference, batch_size=EVAL_BATCH):
+    """digit_fd, digit_confidence, digit_entropy and digit_score (see the module docstring) of `samples`
+    against `reference`, both float (N, 3, 32, 32) in [-1, 1].
+
+    Both sets are clamped to [-1, 1] first: a sampler whose pixels overshoot is judged by the images it produces.
+    The net runs in eval mode; its mode is restored afterwards."""
+    device = next(net.parameters()).device
+    samples, reference = samples.float().clamp(-1, 1), reference.float().clamp(-1, 1)
+    was_training = net.training
+    net.eval()
+    try:
+        fd = feature_fd(net.features, net.num_features, samples, reference, batch_size, device)
+        logits = torch.cat([net(samples[i:i + batch_size].to(device)).double().cpu()
+                            for i in range(0, len(samples), batch_size)])
+    finally:
+        net.train(was_training)
+    log_p = F.log_softmax(logits, dim=1)            # (N, 10) log p(y|x)
+    p = log_p.exp()
+    log_marginal = p.mean(0).log()                  # log p(y), the class mix over the whole sample set
+    kl = (p * (log_p - log_marginal)).sum(1)        # KL(p(y|x) || p(y)) per sample
+    return dict(digit_fd=fd,
+                digit_confidence=p.max(1).values.mean().item(),
+                digit_entropy=-(p * log_p).sum(1).mean().item(),
+                digit_score=math.exp(kl.mean().item()))
+
+
+def inception_fd(samples, reference, batch_size=100, device='cpu', weights_path=None):
+    """The standard FID (Inception v3 pool features, 2048-d) by torchmetrics, for a machine that can get the weights.
+
+    Needs torch-fidelity, and the Inception weights: downloaded on first use, or read from `weights_path`
+    (pt_inception-2015-12-05-6726825d.pth). Images are float in [-1, 1], clamped, then quantised to uint8 as the
+    reference implementation expects."""
+    metric_class = _fid_metric_class()
+    try:
+        metric = metric_class(feature=2048, feature_extractor_weights_path=weights_path)
+    except ModuleNotFoundError as exc:
+        raise UserError('the Inception FID needs torch-fidelity: pip install torch-fidelity '
+                        '(or pip install "torchmetrics[image]")') from exc
+    except Exception as exc:   # the weights download fails with URLError, HTTPError, OSError... by the failure
+        raise UserError(f'could not load the Inception weights ({type(exc).__name__}: {str(exc).splitlines()[0]}); '
+                        f'download pt_inception-2015-12-05-6726825d.pth from the torch-fidelity releases and '
+                        f'pass its path as weights_path') from exc
+    metric = metric.to(device)
+    with torch.no_grad():
+        for real, images in ((True, reference), (False, samples)):
+            for i in range(0, len(images), batch_size):
+                batch = ((images[i:i + batch_size].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                metric.update(batch.to(device), real=real)
+    return metric.compute().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='python -m studylib.digit_net', formatter_class=HelpFormatter,
+                                     description='Train the digit classifier behind digit_quality() and cache it '
+                                                 'in the data folder (digit_net.pt).')
+    parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN files; the cache goes there')
+    parser.add_argument('--epochs', type=positive_int, default=EPOCHS, help='training epochs')
+    parser.add_argument('--batch-size', type=positive_int, default=BATCH_SIZE, help='training batch size')
+    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                        help='where to train; auto = cuda when available')
+    parser.add_argument('--no-download', action='store_true',
+                        help='never touch the network: exit at once if an SVHN file is missing')
+    parser.add_argument('--force', action='store_true', help='retrain even when the data folder holds a cache')
+    args = parser.parse_args(argv)
+    with user_errors():
+        device = pick_device(args.device)
+        path = default_path(args.data_dir)
+        if os.path.exists(path) and not args.force:
+            _, info = load_digit_net(path, device)
+            print(f'{path} already holds a digit net: {info["test_accuracy"]:.2f}% test accuracy on '
+                  f'{info["num_test"]} images ({info["num_train"]} training images, {info["epochs"]} epochs); '
+                  f'pass --force to retrain it')
+            return info
+        return train_and_save(args.data_dir, device, args.epochs, args.batch_size, not args.no_download)[1]
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
