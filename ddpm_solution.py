@@ -341,6 +341,115 @@ class DiffusionSchedule(nn.Module):
     def t_sample(self, batch_size, device=None):
         return torch.randint(0, self.timesteps, (batch_size,), device=device)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # DDIM (Song, Meng & Ermon, 2021, "Denoising Diffusion Implicit Models"): a sampler for the same trained
+    # eps_theta that visits only a sub-sequence tau of the T time steps. With tau = every step and eta = 1 it is the
+    # DDPM sampler above; with eta = 0 it is deterministic given x_T. Additions only: the DDPM API is unchanged.
+    #
+    #   x0_hat  = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)                            (eq. 12)
+    #   x_prev  = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_theta(x_t, t) + sigma z,  z ~ N(0, I)
+    #   sigma   = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)                  (eq. 16)
+    #
+    # Conventions: time indices are 0-based as everywhere in this module (index i is the paper's t = i + 1).
+    # prev = -1 denotes "before index 0", the data end, with abar_prev = 1 (the paper's alpha_0 := 1): then
+    # sigma = 0 and the update returns x0_hat itself, so the last step adds no noise, like DDPM's t_index 0.
+
+    def ddim_timesteps(self, steps):
+        """The time indices ddim_sample visits, in the order it visits them: a (steps,) long CPU tensor, strictly
+        decreasing from T-1 to 0.
+
+        tau_i = round(i (T - 1) / (steps - 1)) for i = steps-1, ..., 0 (round half up, exact integer arithmetic):
+        evenly spaced and including both ends. Why not the paper's "linear" tau (its code: range(0, T, T // steps)):
+        that runs a different number of steps than asked whenever steps does not divide T (e.g. 334 for T = 1000,
+        steps = 300) and never visits T - 1, the only index where the start x ~ N(0, I) is the forward process's
+        marginal (abar_{T-1} ~ 4e-5). With these tau, steps == T gives every index T-1, ..., 0, i.e. the DDPM chain.
+        Raises ValueError for steps > T (DDIM can only skip steps) and for steps < 1 (or steps == 1 when T > 1:
+        one step cannot both start at T-1 and end at 0).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f'steps must be an integer, got {steps!r}')
+        steps, T_ = int(steps), self.timesteps
+        if steps > T_:
+            raise ValueError(f'steps={steps} exceeds the schedule\'s T={T_}: DDIM visits a sub-sequence of the '
+                             f'time indices 0..{T_ - 1}, so steps must be at most T={T_}')
+        if steps < 1 or (steps == 1 and T_ > 1):
+            raise ValueError(f'steps={steps}: DDIM needs at least 2 steps (one at T-1={T_ - 1}, one at 0) when T > 1')
+        if steps == 1:
+            return torch.zeros(1, dtype=torch.long)
+        d = 2 * (steps - 1)
+        return torch.tensor([(2 * i * (T_ - 1) + steps - 1) // d for i in reversed(range(steps))], dtype=torch.long)
+
+    def _ddim_alphas_cumprod(self):
+        """abar as a list of Python floats, accumulated in float64 from the stored betas (the float32 alphas_cumprod
+        would leave 1 - abar near index 0 with ~1e-3 relative error)."""
+        return torch.cumprod(1.0 - self.betas.detach().to('cpu', torch.float64), dim=0).tolist()
+
+    @staticmethod
+    def _check_eta(eta):
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f'eta={eta} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM posterior variance); '
+                             f'beyond 1, 1 - abar_prev - sigma^2 turns negative')
+        return float(eta)
+
+    def _ddim_update(self, model, x, t_index, prev_index, eta, abar, noise, generator, clip_denoised):
+        a_t = abar[t_index]
+        a_prev = abar[prev_index] if prev_index >= 0 else 1.0
+        t = torch.full((x.shape[0],), t_index, device=x.device, dtype=torch.long)
+        eps = model(x, t)
+        x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)      # the noise consistent with the clipped x0
+        if prev_index < 0:
+            return x0                                                    # abar_prev = 1, sigma = 0
+        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0.0:
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_prev = x_prev + sigma * noise
+        return x_prev
+
+    @torch.no_grad()
+    def ddim_step(self, model, x, t_index, prev_index, eta=0.0, noise=None, generator=None, clip_denoised=False):
+        """One DDIM update from time index t_index to prev_index < t_index (prev_index = -1: to x_0, returning
+        x0_hat). The model is called once, as model(x, full((B,), t_index)). z is `noise` when given, else drawn
+        with torch.randn (from `generator` when given) only when sigma > 0; eta = 0 draws nothing. The arithmetic
+        follows x's dtype (coefficients are float64 Python scalars). clip_denoised (default off, as in the DDPM
+        sampler) clamps x0_hat to [-1, 1] and re-derives eps from it."""
+        if not 0 <= t_index < self.timesteps or not -1 <= prev_index < t_index:
+            raise ValueError(f'need 0 <= t_index < T={self.timesteps} and -1 <= prev_index < t_index, '
+                             f'got t_index={t_index}, prev_index={prev_index}')
+        return self._ddim_update(model, x, int(t_index), int(prev_index), self._check_eta(eta),
+                                 self._ddim_alphas_cumprod(), noise, generator, clip_denoised)
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, steps=50, eta=0.0, progress=False, generator=None, x_T=None,
+                    clip_denoised=False):
+        """x_0 alone, (B, C, H, W), from DDIM with `steps` model evaluations at ddim_timesteps(steps).
+
+        Starts from x_T ~ N(0, I) of `shape` on the model's device (drawn from `generator` when given, which must
+        live on that device), or from the given x_T (used as is: its device and dtype). Only the current x is kept.
+        Random draws: one randn(shape) for x_T (unless given), then one per step when eta > 0 except the last, so
+        with steps == T and eta == 1 this consumes the RNG exactly like sample(). eta = 0 is deterministic given
+        x_T; clip_denoised (default off) clamps each x0_hat to [-1, 1]; progress shows a tqdm bar, as in sample().
+        """
+        taus = self.ddim_timesteps(steps).tolist()
+        eta = self._check_eta(eta)
+        abar = self._ddim_alphas_cumprod()
+        if x_T is None:
+            x = torch.randn(shape, generator=generator, device=_device_of(model))
+        else:
+            if tuple(x_T.shape) != tuple(shape):
+                raise ValueError(f'x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}')
+            x = x_T
+        pairs = zip(taus, taus[1:] + [-1])
+        if progress:
+            pairs = tqdm(pairs, total=len(taus), desc='DDIM sampling', leave=False)
+        for t_index, prev_index in pairs:
+            x = self._ddim_update(model, x, t_index, prev_index, eta, abar, None, generator, clip_denoised)
+        return x
+
 
 def _device_of(model):
     return next(model.parameters()).device
