@@ -18,6 +18,7 @@ import math
 import time
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import ddpm_solution
@@ -27,6 +28,7 @@ from studylib.data import batch_indices, load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.digit_net import digit_quality, load_or_train
 from studylib.quality import psnr
+from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
 from studylib.trained import load_vae
 from studylib.run import (open_run, pick_device, restore, seed_everything,
                           time_metrics)
@@ -68,7 +70,19 @@ def parse_args(argv=None):
                            "PSNR of unrelated test-image pairs")
     ddpm.add_argument('--compare-vae', default=None, metavar='RUN_DIR',
                       help='a train_vae.py run folder: its samples are shown beside the DDPM ones in 2.2d')
+    ddpm.add_argument('--ema-decay', type=float, default=0.995,
+                      help='exponential moving average of the weights, updated every step; samples and the t\' '
+                           'sweep use it (0 = sample from the raw weights)')
+    ddpm.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddpm',
+                      help='sampler of the 2.2b/2.2d figures: the exact DDPM ancestral chain with T steps (the '
+                           'seed\'s), or deterministic DDIM (eta=0) with --sample-steps steps. The final stage also '
+                           'times and scores DDIM with 50 and 100 steps beside DDPM')
+    ddpm.add_argument('--sample-steps', type=positive_int, default=50, help='DDIM steps when --sampler ddim')
     args = parser.parse_args(argv)
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f'--ema-decay must be in [0, 1), got {args.ema_decay}')
+    if args.sampler == 'ddim' and args.sample_steps > args.timesteps:
+        parser.error(f'--sample-steps {args.sample_steps} is more than T={args.timesteps}')
     if args.t_primes is None:
         args.t_primes = default_t_primes(args.timesteps)
     if args.t_primes[-1] >= args.timesteps:
@@ -77,18 +91,27 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def draw_samples(diffusion, model, n, seed, progress=True):
-    """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took."""
+def draw_samples(diffusion, model, n, seed, sampler='ddpm', steps=None, progress=True):
+    """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took.
+
+    sampler 'ddpm': the ancestral chain over all T steps; 'ddim': DDIM (eta=0) over `steps` of them."""
     model.eval()
     devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
+    shape = (n, ddpm_solution.input_channels, ddpm_solution.image_size, ddpm_solution.image_size)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        x = diffusion.sample(model, (n, ddpm_solution.input_channels, ddpm_solution.image_size,
-                                     ddpm_solution.image_size), progress=progress)
+        if sampler == 'ddim':
+            x = diffusion.ddim_sample(model, shape, steps=steps, progress=progress)
+        else:
+            x = diffusion.sample(model, shape, progress=progress)
         if x.is_cuda:
             torch.cuda.synchronize()
     return x, time.perf_counter() - t0
+
+
+def sampler_name(sampler, steps, timesteps):
+    return f'DDIM, {steps} steps' if sampler == 'ddim' else f'DDPM, T={timesteps} steps'
 
 
 @torch.no_grad()
@@ -156,21 +179,21 @@ def quality_line(scores):
     return f'digit FD {scores["digit_fd"]:.1f}, confidence {scores["digit_confidence"]:.2f}'
 
 
-def save_final_samples(run, samples, epoch, timesteps, vae, quality, n_reference):
+def save_final_samples(run, samples, epoch, sampler, vae, quality, n_reference):
     """2.2d: the final DDPM samples, beside the VAE's when a VAE is given, each titled with its measured quality."""
     n = len(samples)
     calibration = (f'digit FD: Frechet distance of DigitNet features to {n_reference} test images (lower is better); '
                    f'for calibration, {n} training images score {quality_line(quality["reference_"])}.')
     if vae is None:
         return save_image_grid(samples, run.file('2.2d_final_samples.png'),
-                               f'{n} DDPM samples after {epoch} epochs (T={timesteps} reverse steps)\n'
+                               f'{n} DDPM samples after {epoch} epochs ({sampler})\n'
                                f'{quality_line(quality[""])}\n{calibration}')
     plt = pyplot()
     from studylib.plots import grid_array
     vae_model, vae_epoch, vae_samples = vae
     nrow = math.ceil(math.sqrt(n))
     fig, axes = plt.subplots(1, 2, figsize=(11, 6.4))
-    for ax, images, name, key in [(axes[0], samples, f'DDPM, epoch {epoch}, T={timesteps}', ''),
+    for ax, images, name, key in [(axes[0], samples, f'DDPM, epoch {epoch} ({sampler})', ''),
                                   (axes[1], vae_samples, f'VAE, epoch {vae_epoch} (decoder mean)', 'vae_')]:
         ax.imshow(grid_array(images, nrow), interpolation='nearest')
         ax.set_title(f'{name}\n{quality_line(quality[key])}', fontsize=10)
@@ -205,8 +228,10 @@ def train(args, command='python train_ddpm.py'):
 
     # ---- model, diffusion and optimizer
     model = ddpm_solution.Unet(**model_config).to(device)
+    step_model = prepare_model(model, device, args.compile)   # the same weights, laid out/compiled for speed
+    amp = use_amp(args, device)
     diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
     print(f'U-Net: {sum(p.numel() for p in model.parameters()):,} parameters; T={args.timesteps}; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
 
@@ -220,6 +245,15 @@ def train(args, command='python train_ddpm.py'):
         figures, sample_seconds = ckpt['extra']['figures'], ckpt['extra']['sample_seconds']
         start_epoch = ckpt['epoch'] + 1
         print(f'resumed from {run.checkpoint_path} after epoch {ckpt["epoch"]}')
+    # EMA of the weights (Ho et al. 2020 sample from one): it starts as a copy of the weights, and a checkpoint of
+    # a run without one (--ema-decay 0, or older code) resumes with that copy.
+    ema = None
+    if args.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+        if ckpt is not None and ckpt['extra'].get('ema') is not None:
+            ema.load_state_dict(ckpt['extra']['ema'])
+    sample_model = ema.module if ema is not None else model
+    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps)
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
 
     # ---- training loop
@@ -232,10 +266,13 @@ def train(args, command='python train_ddpm.py'):
         for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
             x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
             t = diffusion.t_sample(len(idx), device)                          # (B,) in {0..T-1}
-            loss = diffusion.p_losses(model, x, t)
+            with autocast(device, amp):
+                loss = diffusion.p_losses(step_model, x, t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.detach() * len(idx)
         train_loss = float(loss_sum) / len(train_x)
         seconds = time.perf_counter() - t0
@@ -244,32 +281,35 @@ def train(args, command='python train_ddpm.py'):
                             f'(epoch {epoch - 1}) is kept in {run.path}')
         row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
         if epoch % args.sample_every == 0 or epoch == args.epochs:
-            samples, sample_seconds = draw_samples(diffusion, model, args.num_samples, args.seed)
+            samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
+                                                   args.sampler, args.sample_steps)
             row['sample_seconds'] = sample_seconds
             figures['2.2b'].append(save_image_grid(
                 samples, run.file(f'2.2b_samples_epoch{epoch:03d}.png'),
-                f'DDPM samples after epoch {epoch} (T={args.timesteps} reverse steps, same seed every time)'))
+                f'Samples after epoch {epoch} ({sampler}, same seed every time'
+                + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
         run.log_metrics(row)
         tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
                    + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
         run.save_checkpoint(model_name='ddpm', model_config={**model_config, **diffusion_config}, model=model,
                             optimizer=optimizer, epoch=epoch,
                             extra={'order_rng': order_rng.get_state(), 'figures': figures,
-                                   'sample_seconds': sample_seconds})
+                                   'sample_seconds': sample_seconds,
+                                   'ema': ema.state_dict() if ema is not None else None})
 
     # ---- final figures and metrics
     rows = run.read_metrics()
     epoch = rows[-1]['epoch']
     if samples is None:   # resumed after the last epoch: its samples were not kept
-        samples, sample_seconds = draw_samples(diffusion, model, args.num_samples, args.seed)
+        samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
+                                               args.sampler, args.sample_steps)
     figures['2.2a'] = [save_time_figure(
         [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.file('2.2a_training_time.png'),
         f'DDPM training wall-clock time on {config["device_name"]} ({len(train_x)} SVHN images per epoch)',
-        note=f'sampling one batch of {args.num_samples} images with T={args.timesteps} steps: '
-             f'{sample_seconds:.1f} s')]
+        note=f'sampling one batch of {args.num_samples} images ({sampler}): {sample_seconds:.1f} s')]
 
     x0 = to_unit_range(test_x[:SWEEP_IMAGES])
-    noised, restored = t_prime_sweep(diffusion, model, x0, args.t_primes, args.seed)
+    noised, restored = t_prime_sweep(diffusion, sample_model, x0, args.t_primes, args.seed)
     chance = float(psnr(x0, to_unit_range(test_x[SWEEP_IMAGES:2 * SWEEP_IMAGES])).mean())
     restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
     t_star, threshold = choose_t_star(args.t_primes, restored_psnr, chance)
@@ -286,8 +326,17 @@ def train(args, command='python train_ddpm.py'):
         torch.manual_seed(args.seed)
         vae_info = (vae[0], vae[1], vae[0].sample(args.num_samples))
         quality['vae_'] = digit_quality(digit_net, vae_info[2], reference)
-    figures['2.2d'] = [save_final_samples(run, samples, epoch, args.timesteps, vae_info, quality,
-                                         len(reference))]
+    # the samplers side by side: the same noise seed, the same number of images, time and quality of each
+    samplers = {}
+    for name, steps in [('ddpm', args.timesteps), ('ddim', 50), ('ddim', 100)]:
+        if name == 'ddim' and steps >= args.timesteps:
+            continue
+        if name == args.sampler and steps == (args.timesteps if name == 'ddpm' else args.sample_steps):
+            images, seconds = samples, sample_seconds   # the figure's own samples
+        else:
+            images, seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed, name, steps)
+        samplers[f'{name}_{steps}'] = dict(seconds=seconds, **digit_quality(digit_net, images, reference))
+    figures['2.2d'] = [save_final_samples(run, samples, epoch, sampler, vae_info, quality, len(reference))]
 
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
                    final_train_loss=rows[-1]['train_loss'],
@@ -297,7 +346,8 @@ def train(args, command='python train_ddpm.py'):
                    t_primes=args.t_primes, restored_psnr=restored_psnr, noised_psnr=noised_psnr,
                    **{prefix + k: v for prefix, scores in quality.items() for k, v in scores.items()},
                    quality_samples=len(samples), quality_reference=len(reference),
-                   digit_net_test_accuracy=digit_info['test_accuracy'],
+                   digit_net_test_accuracy=digit_info['test_accuracy'], samplers=samplers,
+                   sampler=sampler, ema_decay=args.ema_decay,
                    device=config['device_name'])
     run.write_summary('ddpm', figures, metrics)
     return metrics

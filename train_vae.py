@@ -19,6 +19,7 @@ from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
+from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
 from studylib.run import open_run, pick_device, restore, seed_everything, time_metrics
 
 EVAL_BATCH = 500
@@ -164,7 +165,9 @@ def train(args, command='python train_vae.py'):
 
     # ---- model and optimizer
     model = vae_solution.VAE(**model_config, device=device).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step_model = prepare_model(model, device, args.compile)   # the same weights, laid out/compiled for speed
+    amp = use_amp(args, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
     print(f'VAE: {sum(p.numel() for p in model.parameters()):,} parameters; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
 
@@ -192,8 +195,9 @@ def train(args, command='python train_vae.py'):
         batches = batch_indices(len(train_x), args.batch_size, order_rng, device=device)
         for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
             x = to_unit_range(train_x[idx])                      # (B, 3, 32, 32) in [-1, 1]
-            _, nll, kl = model(x)                                            # (B,), (B,)
-            loss = (nll + kl).mean()
+            with autocast(device, amp):
+                _, nll, kl = step_model(x)                                   # (B,), (B,)
+                loss = (nll + kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

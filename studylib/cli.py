@@ -51,6 +51,10 @@ def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
                         help='use only the first N test images; all when unset')
     common.add_argument('--resume', action='store_true',
                         help="continue from the run folder's checkpoint (after its last finished epoch)")
+    common.add_argument('--amp', choices=['auto', 'on', 'off'], default='auto',
+                        help='bf16 autocast of the training step; auto = on for a CUDA GPU with bf16, off on the CPU')
+    common.add_argument('--compile', action='store_true',
+                        help='torch.compile the training step (a minute of compilation first; pays off on long runs)')
     return parser
 
 

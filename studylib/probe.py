@@ -102,12 +102,12 @@ def linear_probe(train_f, train_y, test_f, test_y):
     return accuracy(fit_linear(train_f, train_y, best), test_f, test_y), best
 
 
-def save_figure(path, ts, acc, title):
+def save_figure(path, ts, acc, majority, title):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, label in SOURCES.items():
         ax.plot(ts, [acc[name][f't{t}'] for t in ts], marker='o', label=label)
-    ax.axhline(10, color='grey', ls=':', label='chance (10 classes)')
+    ax.axhline(majority, color='grey', ls=':', label=f'always the most frequent test digit ({majority:.1f}%)')
     ax.set_xlabel('diffusion step t of the noised input x_t')
     ax.set_ylabel('linear-probe test top-1 (%)')
     ax.set_ylim(0, 100)
@@ -144,12 +144,14 @@ def probe(args, command):
             acc[name][f't{t}'], chosen[name][f't{t}'] = linear_probe(train_f[name], train_y, test_f[name], test_y)
         tqdm.write(f't={t}: ' + ', '.join(f'{name} {acc[name][f"t{t}"]:.1f}%' for name in SOURCES))
 
+    majority = 100.0 * float(torch.bincount(test_y).max()) / len(test_y)   # the floor a useless feature reaches
     figure = out.file('2.3b_feature_probe.png')
-    save_figure(figure, args.t, acc,
+    save_figure(figure, args.t, acc, majority,
                 f'Linear probe for the digit on features of noised SVHN images x_t\n'
                 f'(DDPM epoch {ddpm_epoch}, VAE epoch {vae_epoch}; {len(train_x)} train / {len(test_x)} test '
                 f'images; {config["device_name"]})')
-    metrics = dict(t=args.t, accuracy=acc, weight_decay=chosen, num_train=len(train_x), num_test=len(test_x),
+    metrics = dict(t=args.t, accuracy=acc, weight_decay=chosen, majority_class_top1=majority,
+                   num_train=len(train_x), num_test=len(test_x),
                    ddpm_run=args.ddpm, ddpm_epochs=ddpm_epoch, vae_run=args.vae, vae_epochs=vae_epoch,
                    device=config['device_name'])
     out.write_summary('ddpm-probe', {'2.3b': [figure]}, metrics)

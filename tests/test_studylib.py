@@ -179,3 +179,19 @@ def test_psnr_against_its_definition():
     # values outside [-1, 1] are judged as displayed: clamped, so 5.0 counts as 1.0 (MSE 1 against 0)
     assert torch.allclose(psnr(a, a + 5.0), torch.full((3,), 10 * math.log10(4.0)))
 
+
+
+def test_amp_is_bf16_autocast_only_where_asked():
+    import argparse
+    from studylib.speed import autocast, prepare_model, use_amp
+    cpu = torch.device('cpu')
+    assert use_amp(argparse.Namespace(amp='auto'), cpu) is False       # bf16 is emulated, slower, on most CPUs
+    assert use_amp(argparse.Namespace(amp='on'), cpu) is True
+    assert use_amp(argparse.Namespace(amp='off'), torch.device('cuda')) is False
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(cpu, True):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu, False):
+        assert (a @ b).dtype == torch.float32
+    model = torch.nn.Linear(2, 2)
+    assert prepare_model(model, cpu) is model                           # nothing to change on the CPU

@@ -168,3 +168,27 @@ def test_probe_writes_2_3b_from_the_two_run_folders(ddpm_runs, vae_run, data_dir
     with pytest.raises(SystemExit) as exc:   # T=20 has steps 0..19
         probe.main(args + ['--t', '20'])
     assert exc.value.code == 2
+
+
+def test_ema_weights_sample_and_ddim_is_the_figure_sampler(data_dir, tmp_path):
+    """--ema-decay: the checkpoint holds an EMA of the weights (and its update count), distinct from them;
+    --sampler ddim: the figures use DDIM and the final stage scores DDPM-T beside it."""
+    out = tmp_path / 'ema'
+    m = train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(out), '--timesteps', '60', '--t-primes', '0,30',
+                         '--ema-decay', '0.9', '--sampler', 'ddim', '--sample-steps', '6',
+                         *TINY[:-2], '--epochs', '1'])
+    assert m['sampler'] == 'DDIM, 6 steps' and m['ema_decay'] == 0.9
+    assert sorted(m['samplers']) == ['ddim_50', 'ddpm_60'] and m['samplers']['ddim_50']['seconds'] > 0
+    ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
+    ema = ckpt['extra']['ema']
+    assert int(ema['n_averaged']) == 2                     # 32 images / batch 16: one update per step
+    # AveragedModel copies the weights at the first update, then 0.9 * ema + 0.1 * weights: not the weights
+    raw = ckpt['model']['final_conv.1.weight']
+    assert not torch.equal(ema['module.final_conv.1.weight'], raw)
+
+
+def test_bad_sampler_flags_are_refused(capsys):
+    for bad in (['--ema-decay', '1'], ['--ema-decay', '-0.1'], ['--sampler', 'ddim', '--sample-steps', '2000']):
+        with pytest.raises(SystemExit) as exc:
+            train_ddpm.parse_args(bad)
+        assert exc.value.code == 2

@@ -1,0 +1,39 @@
+"""What makes a training step fast without changing what it computes: bf16 autocast, channels_last, fused or
+foreach optimiser kernels and torch.compile, chosen once from the common flags (--amp, --compile)."""
+import contextlib
+
+import torch
+
+
+def use_amp(args, device):
+    """bf16 autocast: --amp auto turns it on on a CUDA GPU that supports bf16 and off on the CPU (where bf16
+    matmuls are emulated on most processors and slower than float32)."""
+    if args.amp == 'auto':
+        return device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    return args.amp == 'on'
+
+
+def autocast(device, enabled):
+    """The forward pass's precision context: bf16 needs no loss scaling (float32's exponent range)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare_model(model, device, compile_model=False):
+    """channels_last on CUDA (tensor-core convolutions want NHWC); torch.compile when asked. Returns the module to
+    call in the training step; `model` itself keeps the weights, so checkpoints and EMA see plain names."""
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def optimizer_kwargs(device):
+    """fused=True (one kernel for the whole update) on CUDA; the default foreach path elsewhere."""
+    return {'fused': True} if device.type == 'cuda' else {}
+
+
+def to_device_batch(x, device):
+    """A batch onto the training device in the layout the model was prepared for."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' and x.dim() == 4 else x
