@@ -16,18 +16,18 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 import q3_solution
 from q3_misc import TwoCropsTransform
 from studylib import UserError
 from studylib.cli import make_parser, positive_float, positive_int, run_main
+from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment, torchvision_pipeline
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
 from studylib.plots import pyplot
 from studylib.run import RunDir, make_config, pick_device, restore, seed_everything, time_metrics
+from studylib.speed import autocast, optimizer_kwargs, prepare_model, to_device_batch, use_amp
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 RECIPES = {
     'tuned': dict(arch='cifar_resnet18', batch_size=512, crop_scale=(0.2, 1.0)),
     'assignment': dict(arch='resnet18', batch_size=1024, crop_scale=(0.08, 1.0)),
@@ -74,8 +74,12 @@ def parse_args(argv=None):
     s.add_argument('--pred-dim', type=positive_int, default=512, help='predictor hidden dimension')
     s.add_argument('--knn-k', type=positive_int, default=200, help='neighbours of the kNN monitor')
     s.add_argument('--knn-t', type=positive_float, default=0.1, help='temperature of the kNN monitor')
+    s.add_argument('--loader', choices=['device', 'torchvision'], default='device',
+                   help='device: the training set as one uint8 tensor on the device, both views augmented batched '
+                        'there (studylib.augment); torchvision: per-image v2 transforms in a DataLoader, for '
+                        'comparison')
     s.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
-                   help='DataLoader worker processes for the augmentations (0: in the main process)')
+                   help='--loader torchvision: DataLoader worker processes (0: in the main process)')
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
     if args.batch_size is None:
@@ -92,16 +96,9 @@ def get_lr(epoch, base_lr, epochs):
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def make_augmentation(crop_scale):
-    """The SimSiam/MoCo v2 CIFAR augmentations, on uint8 (3, 32, 32) tensors, ending normalised float."""
-    return v2.Compose([
-        v2.RandomResizedCrop(32, scale=crop_scale, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+# The per-image torchvision v2 pipeline of --loader torchvision (uint8 (3, 32, 32) -> normalised float); the
+# default --loader device draws the same distribution for a whole batch on the device (studylib.augment).
+make_augmentation = torchvision_pipeline
 
 
 class Views(torch.utils.data.Dataset):
@@ -203,12 +200,14 @@ def train_config(args, name, data, device, command):
     ckpt = run.start(config, args.resume and os.path.exists(run.checkpoint_path))
 
     model = build_model(settings).to(device)
+    step_model = prepare_model(model, device, args.compile)   # the same weights, laid out/compiled for speed
+    amp = use_amp(args, device)
     # The predictor keeps a fixed lr (paper Sec. 4.2 / the official fix_pred_lr): it adapts to the latest
     # representation, which the paper finds helps with a cosine schedule.
     groups = [{'params': [p for p in model.encoder.parameters() if p.requires_grad], 'fix_lr': False},
               {'params': [p for p in model.predictor.parameters() if p.requires_grad], 'fix_lr': True}]
     groups = [g for g in groups if g['params']]
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=5e-4, **optimizer_kwargs(device))
     order_rng = torch.Generator().manual_seed(args.seed)
     start_epoch = 1
     if ckpt is not None:
@@ -216,12 +215,25 @@ def train_config(args, name, data, device, command):
         order_rng.set_state(ckpt['extra']['order_rng'])
         start_epoch = ckpt['epoch'] + 1
         print(f'{name}: resumed after epoch {ckpt["epoch"]}')
-    loader = torch.utils.data.DataLoader(
-        Views(train_x, make_augmentation(RECIPES[args.recipe]['crop_scale'])), batch_size=args.batch_size,
-        shuffle=True, drop_last=True, num_workers=args.workers, generator=order_rng,
-        pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
-    dev_train_x, dev_train_y = train_x.to(device), train_y.to(device)
+    crop_scale = RECIPES[args.recipe]['crop_scale']
+    dev_train_x, dev_train_y = train_x.to(device), train_y.to(device)    # uint8 (N, 3, 32, 32) on the device
     dev_test_x, dev_test_y = test_x.to(device), test_y.to(device)
+    if args.loader == 'device':
+        augment = SimSiamAugment(crop_scale=crop_scale)
+
+        def epoch_batches():   # both views of a batch drawn on the device: no per-image Python, no copies
+            for idx in batch_indices(len(train_x), args.batch_size, order_rng, drop_last=True, device=device):
+                x = dev_train_x[idx]                                           # (B, 3, 32, 32) uint8
+                yield augment(x), augment(x)
+    else:
+        loader = torch.utils.data.DataLoader(
+            Views(train_x, make_augmentation(crop_scale)), batch_size=args.batch_size,
+            shuffle=True, drop_last=True, num_workers=args.workers, generator=order_rng,
+            pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
+
+        def epoch_batches():
+            return iter(loader)
+    steps_per_epoch = len(train_x) // args.batch_size
 
     for epoch in tqdm(range(start_epoch, args.epochs + 1), desc=name, initial=start_epoch - 1,
                       total=args.epochs):
@@ -232,10 +244,11 @@ def train_config(args, name, data, device, command):
         t0 = time.perf_counter()
         sums = torch.zeros(2, device=device)   # loss, std of normalised z; read once per epoch
         steps = 0
-        for x1, x2 in tqdm(loader, desc=f'epoch {epoch}', leave=False):
-            x1 = x1.to(device, non_blocking=True)                               # (B, 3, 32, 32)
-            x2 = x2.to(device, non_blocking=True)
-            p1, p2, z1, z2 = model(x1, x2)                                       # (B, dim) each
+        for x1, x2 in tqdm(epoch_batches(), total=steps_per_epoch, desc=f'epoch {epoch}', leave=False):
+            x1, x2 = to_device_batch(x1, device), to_device_batch(x2, device)   # (B, 3, 32, 32) float
+            with autocast(device, amp):
+                p1, p2, z1, z2 = step_model(x1, x2)                              # (B, dim) each
+            p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()     # the cosine loss in float32
             loss = model.loss(p1, p2, z1, z2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
