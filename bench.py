@@ -1,0 +1,312 @@
+"""Measure every speed-critical unit of the study in one process, on one device, and print a table.
+
+    python bench.py                      # auto device; add --peers to time lucidrains' DDPM and Lightly's SimSiam
+    OMP_NUM_THREADS=2 python bench.py --device cpu --repeats 5
+
+Units: images/s of the training step of each model (as the drivers run it: --amp auto, channels_last on CUDA);
+the SimSiam input pipeline (pairs of views per second: batched on-device augmentation vs the torchvision
+DataLoader with the same worker count); DDPM sampling seconds for a batch of 16 with DDPM-1000 (ancestral, every
+step) and DDIM-50; peak memory. With --peers (pip install denoising-diffusion-pytorch lightly), the same units of
+the libraries people would otherwise use are timed in the same process, interleaved with ours, and the table adds
+project/peer time ratios (below 1: ours is faster). The last line is `aug_speedup_vs_torchvision: X.XX`.
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+import ddpm_solution
+import q3_solution
+import vae_solution
+from studylib.augment import SimSiamAugment
+from studylib.benchmarks import measure_pipelines
+from studylib.cli import HelpFormatter, positive_int, user_errors
+from studylib.run import device_description, pick_device
+from studylib.speed import autocast, optimizer_kwargs, prepare_model
+
+BATCH = 64           # the training-step batch of every model (the peers' comparison batch too)
+SAMPLE_BATCH = 16    # the sampling batch
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, device, repeats):
+    """Median wall seconds of one call, after one untimed warm-up call (allocator, lazy init, compilation)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns, device, repeats):
+    """Median seconds per call of several functions timed in turn, so that load on the machine hits all alike."""
+    for fn in fns:
+        fn()
+    sync(device)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def peak_memory(device):
+    """Peak GPU memory allocated by tensors (MiB), or the process's peak resident memory on the CPU (MiB)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak(device):
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ------------------------------------------------------------------------------------------- the training steps
+
+def vae_step(device, amp):
+    model = vae_solution.VAE(z_dim=32, device=device).to(device)
+    step_model = prepare_model(model, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **optimizer_kwargs(device))
+    x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1
+
+    def step():
+        with autocast(device, amp):
+            _, nll, kl = step_model(x)
+            loss = (nll + kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def ddpm_parts(device):
+    model = ddpm_solution.Unet(dim=32, channels=3, dim_mults=(1, 2, 4, 8)).to(device)
+    diffusion = ddpm_solution.DiffusionSchedule().to(device)
+    return model, diffusion
+
+
+def ddpm_step(device, amp):
+    model, diffusion = ddpm_parts(device)
+    step_model = prepare_model(model, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **optimizer_kwargs(device))
+    x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1
+
+    def step():
+        t = diffusion.t_sample(BATCH, device)
+        with autocast(device, amp):
+            loss = diffusion.p_losses(step_model, x, t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def ddpm_sample_step(device):
+    """One reverse step of the exact DDPM sampler on a batch of 16 (the unit of DDPM-1000's cost)."""
+    model, diffusion = ddpm_parts(device)
+    model.eval()
+    x = torch.randn(SAMPLE_BATCH, 3, 32, 32, device=device)
+    t = torch.full((SAMPLE_BATCH,), 500, device=device, dtype=torch.long)
+
+    @torch.no_grad()
+    def step():
+        diffusion.p_sample(model, x, t, 500)
+    return step, model, diffusion
+
+
+def simsiam_step(device, amp, images):
+    """One SimSiam step on two views of a batch (views made once: the pipeline is timed on its own)."""
+    model = q3_solution.SimSiam(q3_solution.cifar_resnet18, dim=2048, pred_dim=512).to(device)
+    step_model = prepare_model(model, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4,
+                                **optimizer_kwargs(device))
+    x1, x2 = SimSiamAugment().two_views(images[:BATCH].to(device))
+
+    def step():
+        with autocast(device, amp):
+            p1, p2, z1, z2 = step_model(x1, x2)
+        loss = model.loss(p1.float(), p2.float(), z1.float(), z2.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step, x1, x2
+
+
+# ------------------------------------------------------------------------------------------------------ the peers
+
+def lucidrains_steps(device):
+    """denoising-diffusion-pytorch's default small model: Unet(dim=32, dim_mults=(1, 2, 4, 8)) + GaussianDiffusion
+    (T=1000), its training step on a batch of 64 and one sampling step on a batch of 16."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    diffusion = GaussianDiffusion(Unet(dim=32, dim_mults=(1, 2, 4, 8)), image_size=32, timesteps=1000).to(device)
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4)
+    images = torch.rand(BATCH, 3, 32, 32, device=device)   # [0, 1], which it normalises to [-1, 1] itself
+    x = torch.randn(SAMPLE_BATCH, 3, 32, 32, device=device)
+
+    def train():
+        loss = diffusion(images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def sample():
+        diffusion.eval()
+        diffusion.p_sample(x, 500)
+        diffusion.train()
+    return train, sample, sum(p.numel() for p in diffusion.model.parameters())
+
+
+def lightly_step(device, x1, x2):
+    """Lightly's SimSiam heads and loss on the same CIFAR ResNet-18 backbone, the same views and optimiser."""
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
+    backbone = q3_solution.cifar_resnet18(num_classes=10)
+    backbone.fc = torch.nn.Identity()                                      # (B, 512) features
+    net = torch.nn.ModuleDict(dict(backbone=backbone, projector=SimSiamProjectionHead(512, 512, 2048),
+                                   predictor=SimSiamPredictionHead(2048, 512, 2048))).to(device)
+    criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        z1, z2 = net['projector'](net['backbone'](x1)), net['projector'](net['backbone'](x2))
+        p1, p2 = net['predictor'](z1), net['predictor'](z2)
+        loss = 0.5 * (criterion(p1, z2.detach()) + criterion(p2, z1.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def bench(args):
+    device = pick_device(args.device)
+    amp = device.type == 'cuda' and torch.cuda.is_bf16_supported()   # what the drivers' --amp auto picks
+    torch.manual_seed(0)
+    rows = []   # (unit, value, unit of value, peer ratio text, peak memory MiB)
+
+    def add(name, value, unit, ratio='', memory=None):
+        rows.append((name, value, unit, ratio, memory))
+        print(f'  {name}: {value:,.2f} {unit} {ratio}', file=sys.stderr, flush=True)
+
+    print(f'bench on {device_description(device)}, torch {torch.__version__}, amp={amp}, '
+          f'{torch.get_num_threads()} threads', file=sys.stderr)
+    images = torch.randint(0, 256, (max(args.aug_batch, BATCH), 3, 32, 32), dtype=torch.uint8)
+
+    # training steps (ours, and the peers interleaved with ours)
+    reset_peak(device)
+    step = vae_step(device, amp)
+    add('VAE train step, batch 64', BATCH / seconds_per_call(step, device, args.repeats), 'images/s',
+        memory=peak_memory(device))
+
+    reset_peak(device)
+    ours = ddpm_step(device, amp)
+    ours_sample, model, diffusion = ddpm_sample_step(device)
+    if args.peers:
+        peer_train, peer_sample, peer_params = lucidrains_steps(device)
+        t_ours, t_peer = interleaved([ours, peer_train], device, args.repeats)
+        ratio = f'(project/lucidrains time: {t_ours / t_peer:.2f}; U-Net parameters '
+        ratio += f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M vs {peer_params / 1e6:.1f} M)'
+        add('DDPM train step, batch 64', BATCH / t_ours, 'images/s', ratio, peak_memory(device))
+        s_ours, s_peer = interleaved([ours_sample, peer_sample], device, args.repeats)
+        add('DDPM sampling step, batch 16', 1 / s_ours, 'steps/s',
+            f'(project/lucidrains time: {s_ours / s_peer:.2f})')
+    else:
+        add('DDPM train step, batch 64', BATCH / seconds_per_call(ours, device, args.repeats), 'images/s',
+            memory=peak_memory(device))
+        s_ours = seconds_per_call(ours_sample, device, args.repeats)
+        add('DDPM sampling step, batch 16', 1 / s_ours, 'steps/s')
+
+    reset_peak(device)
+    ours, x1, x2 = simsiam_step(device, amp, images)
+    if args.peers:
+        t_ours, t_peer = interleaved([ours, lightly_step(device, x1, x2)], device, args.repeats)
+        add('SimSiam train step, batch 64 (two views)', BATCH / t_ours, 'images/s',
+            f'(project/Lightly time: {t_ours / t_peer:.2f})', peak_memory(device))
+    else:
+        add('SimSiam train step, batch 64 (two views)', BATCH / seconds_per_call(ours, device, args.repeats),
+            'images/s', memory=peak_memory(device))
+
+    # DDPM-1000 vs DDIM-50 on a batch of 16: DDIM in full; DDPM-1000 is 1000 identical steps, timed in full with
+    # --full-sampling, else estimated from the median step above (stated in the table)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        diffusion.ddim_sample(model, (SAMPLE_BATCH, 3, 32, 32), steps=50)
+    sync(device)
+    ddim_seconds = time.perf_counter() - start
+    if args.full_sampling:
+        start = time.perf_counter()
+        with torch.no_grad():
+            diffusion.sample(model, (SAMPLE_BATCH, 3, 32, 32))
+        sync(device)
+        add('DDPM-1000 sampling, batch 16 (timed)', time.perf_counter() - start, 's')
+    else:
+        add('DDPM-1000 sampling, batch 16 (1000 x median step)', 1000 * s_ours, 's')
+    add('DDIM-50 sampling, batch 16 (timed)', ddim_seconds, 's')
+
+    # the SimSiam input pipeline
+    pipes = measure_pipelines(images, batch_size=args.aug_batch, workers=args.workers, repeats=args.aug_repeats,
+                              device=str(device))
+    batched, torchvision = pipes['pairs_per_s']['batched'], pipes['pairs_per_s']['torchvision']
+    add(f'SimSiam views, batched on {device.type} (batch {args.aug_batch})', batched, 'pairs/s')
+    add(f'SimSiam views, torchvision DataLoader ({args.workers} workers)', torchvision, 'pairs/s')
+    for name in ('kornia_resample', 'kornia_slice'):
+        if pipes['pairs_per_s'].get(name):
+            add(f'SimSiam views, {name.replace("_", " ")} (for reference)', pipes['pairs_per_s'][name], 'pairs/s')
+
+    print('\n| unit | measured | peer ratio | peak memory (MiB) |\n|---|---|---|---|')
+    for name, value, unit, ratio, memory in rows:
+        mem = f'{memory:,.0f}' if memory is not None else ''
+        print(f'| {name} | {value:,.2f} {unit} | {ratio.strip("()")} | {mem} |')
+    memory_kind = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS so far'
+    print(f'\ndevice: {device_description(device)}; torch {torch.__version__}; {torch.get_num_threads()} threads; '
+          f'amp={amp}; repeats={args.repeats}; memory: {memory_kind}')
+    speedup = batched / torchvision
+    print(f'aug_speedup_vs_torchvision: {speedup:.2f}')
+    return dict(rows=rows, aug_speedup=speedup)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
+    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='where to measure')
+    parser.add_argument('--repeats', type=positive_int, default=5, help='timed calls per unit (median reported)')
+    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers of the torchvision pipeline')
+    parser.add_argument('--aug-batch', type=positive_int, default=512, help='batch of the pipeline measurement')
+    parser.add_argument('--aug-repeats', type=positive_int, default=4, help='timed batches per pipeline')
+    parser.add_argument('--full-sampling', action='store_true',
+                        help='time DDPM-1000 sampling in full instead of 1000 x the median step')
+    parser.add_argument('--peers', action='store_true',
+                        help='also time lucidrains\' denoising-diffusion-pytorch and Lightly (installed separately)')
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error('--workers must be >= 0')
+    with user_errors():
+        if args.peers:
+            import importlib.util
+            missing = [m for m in ('denoising_diffusion_pytorch', 'lightly') if importlib.util.find_spec(m) is None]
+            if missing:
+                from studylib import UserError
+                raise UserError(f'--peers needs {" and ".join(missing)}: '
+                                f'pip install denoising-diffusion-pytorch lightly')
+        return bench(args)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
