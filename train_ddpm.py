@@ -348,6 +348,7 @@ def train(args, command='python train_ddpm.py'):
                    quality_samples=len(samples), quality_reference=len(reference),
                    digit_net_test_accuracy=digit_info['test_accuracy'], samplers=samplers,
                    sampler=sampler, ema_decay=args.ema_decay,
+                   ema_updates=int(ema.n_averaged) if ema is not None else 0,
                    device=config['device_name'])
     run.write_summary('ddpm', figures, metrics)
     return metrics

@@ -177,7 +177,7 @@ def test_ema_weights_sample_and_ddim_is_the_figure_sampler(data_dir, tmp_path):
     m = train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(out), '--timesteps', '60', '--t-primes', '0,30',
                          '--ema-decay', '0.9', '--sampler', 'ddim', '--sample-steps', '6',
                          *TINY[:-2], '--epochs', '1'])
-    assert m['sampler'] == 'DDIM, 6 steps' and m['ema_decay'] == 0.9
+    assert m['sampler'] == 'DDIM, 6 steps' and m['ema_decay'] == 0.9 and m['ema_updates'] == 2
     assert sorted(m['samplers']) == ['ddim_50', 'ddpm_60'] and m['samplers']['ddim_50']['seconds'] > 0
     ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
     ema = ckpt['extra']['ema']
