@@ -116,3 +116,13 @@ def test_experiment_all_writes_every_question(data_dir, tmp_path):
     for paths in summary['figures'].values():
         for rel in paths:
             assert (tmp_path / 'all' / rel).exists()
+
+
+def test_torchvision_loader_trains_the_same_model_from_a_dataloader(data_dir, tmp_path):
+    """--loader torchvision (per-image v2 transforms in a DataLoader) is the same training, other augmentation draws:
+    same configuration, finite loss, a checkpoint; its views differ from the device loader's."""
+    m_tv = run_driver(data_dir, tmp_path / 'tv', '--epochs', '1', '--loader', 'torchvision')['single']
+    m_dev = run_driver(data_dir, tmp_path / 'dev', '--epochs', '1')['single']
+    assert math.isfinite(m_tv['final_train_loss']) and -1 <= m_tv['final_train_loss'] <= 1
+    assert m_tv['final_train_loss'] != m_dev['final_train_loss']
+    assert json.load(open(tmp_path / 'tv' / 'config.json'))['args']['loader'] == 'torchvision'
