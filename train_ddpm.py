@@ -24,10 +24,11 @@ from tqdm import tqdm
 import ddpm_solution
 from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
-from studylib.data import batch_indices, load_split, to_unit_range
+from studylib.data import load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.digit_net import digit_quality, load_or_train
 from studylib.quality import psnr
+from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
 from studylib.trained import load_vae
 from studylib.run import (open_run, pick_device, restore, seed_everything,
@@ -238,13 +239,12 @@ def train(args, command='python train_ddpm.py'):
     order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
     figures = {'2.2b': []}
     samples = sample_seconds = None
-    start_epoch = 1
+    start_epoch, mid = resume_point(ckpt)
     if ckpt is not None:
         restore(ckpt, model, optimizer)
         order_rng.set_state(ckpt['extra']['order_rng'])
         figures, sample_seconds = ckpt['extra']['figures'], ckpt['extra']['sample_seconds']
-        start_epoch = ckpt['epoch'] + 1
-        print(f'resumed from {run.checkpoint_path} after epoch {ckpt["epoch"]}')
+        print(f'resumed from {run.checkpoint_path} at epoch {start_epoch}, step {mid["step"] if mid else 0}')
     # EMA of the weights (Ho et al. 2020 sample from one): it starts as a copy of the weights, and a checkpoint of
     # a run without one (--ema-decay 0, or older code) resumes with that copy.
     ema = None
@@ -253,6 +253,13 @@ def train(args, command='python train_ddpm.py'):
         if ckpt is not None and ckpt['extra'].get('ema') is not None:
             ema.load_state_dict(ckpt['extra']['ema'])
     sample_model = ema.module if ema is not None else model
+
+    def save(epoch, mid_epoch=None):
+        run.save_checkpoint(model_name='ddpm', model_config={**model_config, **diffusion_config}, model=model,
+                            optimizer=optimizer, epoch=epoch,
+                            extra={'order_rng': order_rng.get_state(), 'figures': figures,
+                                   'sample_seconds': sample_seconds, 'mid_epoch': mid_epoch,
+                                   'ema': ema.state_dict() if ema is not None else None})
     sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps)
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
 
@@ -260,10 +267,10 @@ def train(args, command='python train_ddpm.py'):
     for epoch in tqdm(range(start_epoch, args.epochs + 1), desc='epochs', initial=start_epoch - 1,
                       total=args.epochs):
         model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)   # read once per epoch: no host sync per step
-        batches = batch_indices(len(train_x), args.batch_size, order_rng, device=device)
-        for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
+        epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=1, mid=mid,
+                               checkpoint_every=args.checkpoint_every, save=lambda state: save(epoch - 1, state),
+                               allow_nan=args.allow_nan)
+        for idx in epoch_loop:
             x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
             t = diffusion.t_sample(len(idx), device)                          # (B,) in {0..T-1}
             with autocast(device, amp):
@@ -273,12 +280,10 @@ def train(args, command='python train_ddpm.py'):
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
-            loss_sum += loss.detach() * len(idx)
-        train_loss = float(loss_sum) / len(train_x)
-        seconds = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            raise UserError(f'the training loss became {train_loss} in epoch {epoch}; the last good checkpoint '
-                            f'(epoch {epoch - 1}) is kept in {run.path}')
+            epoch_loop.record(loss, loss.detach().view(1) * len(idx))
+        loss_sum, seconds = epoch_loop.finish()
+        train_loss = float(loss_sum) / len(train_x)   # read once per epoch: no host sync per step
+        mid = None
         row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
         if epoch % args.sample_every == 0 or epoch == args.epochs:
             samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
@@ -291,11 +296,7 @@ def train(args, command='python train_ddpm.py'):
         run.log_metrics(row)
         tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
                    + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
-        run.save_checkpoint(model_name='ddpm', model_config={**model_config, **diffusion_config}, model=model,
-                            optimizer=optimizer, epoch=epoch,
-                            extra={'order_rng': order_rng.get_state(), 'figures': figures,
-                                   'sample_seconds': sample_seconds,
-                                   'ema': ema.state_dict() if ema is not None else None})
+        save(epoch)
 
     # ---- final figures and metrics
     rows = run.read_metrics()

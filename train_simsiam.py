@@ -11,7 +11,6 @@ lr 0.03 * batch / 256 with cosine decay per epoch (the predictor's lr kept fixed
 import json
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -26,6 +25,7 @@ from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugmen
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
 from studylib.plots import pyplot
 from studylib.run import RunDir, make_config, pick_device, restore, seed_everything, time_metrics
+from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, to_device_batch, use_amp
 
 RECIPES = {
@@ -209,31 +209,21 @@ def train_config(args, name, data, device, command):
     groups = [g for g in groups if g['params']]
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=5e-4, **optimizer_kwargs(device))
     order_rng = torch.Generator().manual_seed(args.seed)
-    start_epoch = 1
+    start_epoch, mid = resume_point(ckpt)
     if ckpt is not None:
         restore(ckpt, model, optimizer)
         order_rng.set_state(ckpt['extra']['order_rng'])
-        start_epoch = ckpt['epoch'] + 1
-        print(f'{name}: resumed after epoch {ckpt["epoch"]}')
+        print(f'{name}: resumed at epoch {start_epoch}, step {mid["step"] if mid else 0}')
+
+    def save(epoch, mid_epoch=None):
+        run.save_checkpoint(model_name='simsiam', model_config=settings, model=model, optimizer=optimizer,
+                            epoch=epoch, extra={'order_rng': order_rng.get_state(), 'mid_epoch': mid_epoch})
+
     crop_scale = RECIPES[args.recipe]['crop_scale']
     dev_train_x, dev_train_y = train_x.to(device), train_y.to(device)    # uint8 (N, 3, 32, 32) on the device
     dev_test_x, dev_test_y = test_x.to(device), test_y.to(device)
-    if args.loader == 'device':
-        augment = SimSiamAugment(crop_scale=crop_scale)
-
-        def epoch_batches():   # both views of a batch drawn on the device: no per-image Python, no copies
-            for idx in batch_indices(len(train_x), args.batch_size, order_rng, drop_last=True, device=device):
-                x = dev_train_x[idx]                                           # (B, 3, 32, 32) uint8
-                yield augment(x), augment(x)
-    else:
-        loader = torch.utils.data.DataLoader(
-            Views(train_x, make_augmentation(crop_scale)), batch_size=args.batch_size,
-            shuffle=True, drop_last=True, num_workers=args.workers, generator=order_rng,
-            pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
-
-        def epoch_batches():
-            return iter(loader)
-    steps_per_epoch = len(train_x) // args.batch_size
+    augment = SimSiamAugment(crop_scale=crop_scale)
+    views = Views(train_x, make_augmentation(crop_scale))
 
     for epoch in tqdm(range(start_epoch, args.epochs + 1), desc=name, initial=start_epoch - 1,
                       total=args.epochs):
@@ -241,11 +231,22 @@ def train_config(args, name, data, device, command):
         for group in optimizer.param_groups:
             group['lr'] = args.lr if group['fix_lr'] else lr
         model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(2, device=device)   # loss, std of normalised z; read once per epoch
-        steps = 0
-        for x1, x2 in tqdm(epoch_batches(), total=steps_per_epoch, desc=f'epoch {epoch}', leave=False):
-            x1, x2 = to_device_batch(x1, device), to_device_batch(x2, device)   # (B, 3, 32, 32) float
+        # loss and the std of normalised z summed over steps on the device; read once per epoch
+        epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=2, mid=mid,
+                               drop_last=True, checkpoint_every=args.checkpoint_every,
+                               save=lambda state: save(epoch - 1, state), allow_nan=args.allow_nan)
+        if args.loader == 'torchvision':   # per-image transforms in worker processes, in the epoch's order
+            first = epoch_loop.start * args.batch_size
+            loader = iter(torch.utils.data.DataLoader(
+                views, batch_size=args.batch_size, sampler=epoch_loop.order[first:].tolist(), drop_last=True,
+                num_workers=args.workers, pin_memory=device.type == 'cuda'))
+        for idx in epoch_loop:
+            if args.loader == 'device':   # both views made on the device: no per-image Python, no copies
+                x = dev_train_x[idx]                                               # (B, 3, 32, 32) uint8
+                x1, x2 = augment(x), augment(x)                                    # (B, 3, 32, 32) float
+            else:
+                x1, x2 = next(loader)
+            x1, x2 = to_device_batch(x1, device), to_device_batch(x2, device)
             with autocast(device, amp):
                 p1, p2, z1, z2 = step_model(x1, x2)                              # (B, dim) each
             p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()     # the cosine loss in float32
@@ -256,20 +257,16 @@ def train_config(args, name, data, device, command):
             # Collapse indicator (paper Sec. 4.1): per-dimension std of z/||z|| over the batch, averaged;
             # about 1/sqrt(dim) for a healthy spread, 0 when every image maps to the same vector.
             collapse = F.normalize(z1.detach(), dim=1).std(dim=0, correction=0).mean()
-            sums += torch.stack([loss.detach(), collapse])
-            steps += 1
-        train_loss, z_std = (sums / steps).tolist()
-        seconds = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            raise UserError(f'{name}: the training loss became {train_loss} in epoch {epoch}; the last good '
-                            f'checkpoint (epoch {epoch - 1}) is kept in {run.path}')
+            epoch_loop.record(loss, torch.stack([loss.detach(), collapse]))
+        sums, seconds = epoch_loop.finish()
+        train_loss, z_std = (sums / len(epoch_loop)).tolist()
+        mid = None
         knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t)
         row = dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds)
         run.log_metrics(row)
         tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
                    f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
-        run.save_checkpoint(model_name='simsiam', model_config=settings, model=model, optimizer=optimizer,
-                            epoch=epoch, extra={'order_rng': order_rng.get_state()})
+        save(epoch)
 
     rows = run.read_metrics()
     probe = linear_probe(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y)

@@ -9,7 +9,6 @@ rows in metrics.jsonl; summary.json holds the final ones, among them the importa
 """
 import json
 import math
-import time
 
 import torch
 from tqdm import tqdm
@@ -19,6 +18,7 @@ from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
+from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
 from studylib.run import open_run, pick_device, restore, seed_everything, time_metrics
 
@@ -177,23 +177,28 @@ def train(args, command='python train_vae.py'):
     fixed_x = test_x[:24 if len(test_x) >= 24 else 8].to(device)
     order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
     figures = {'1.3b': [], '1.3c': []}
-    start_epoch = 1
+    start_epoch, mid = resume_point(ckpt)
     if ckpt is not None:
         restore(ckpt, model, optimizer)
         order_rng.set_state(ckpt['extra']['order_rng'])
         figures = ckpt['extra']['figures']
-        start_epoch = ckpt['epoch'] + 1
-        print(f'resumed from {run.checkpoint_path} after epoch {ckpt["epoch"]}')
+        print(f'resumed from {run.checkpoint_path} at epoch {start_epoch}, step {mid["step"] if mid else 0}')
+
+    def save(epoch, mid_epoch=None):
+        run.save_checkpoint(model_name='vae', model_config=model_config, model=model, optimizer=optimizer,
+                            epoch=epoch, extra={'order_rng': order_rng.get_state(), 'figures': figures,
+                                                'mid_epoch': mid_epoch})
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
 
     # ---- training loop
     for epoch in tqdm(range(start_epoch, args.epochs + 1), desc='epochs', initial=start_epoch - 1,
                       total=args.epochs):
         model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(3, device=device)   # loss, nll, kl summed over images; read once per epoch
-        batches = batch_indices(len(train_x), args.batch_size, order_rng, device=device)
-        for idx in tqdm(batches, desc=f'epoch {epoch}', leave=False):
+        # loss, nll, kl summed over images on the device; read once per epoch
+        epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=3, mid=mid,
+                               checkpoint_every=args.checkpoint_every, save=lambda state: save(epoch - 1, state),
+                               allow_nan=args.allow_nan)
+        for idx in epoch_loop:
             x = to_unit_range(train_x[idx])                      # (B, 3, 32, 32) in [-1, 1]
             with autocast(device, amp):
                 _, nll, kl = step_model(x)                                   # (B,), (B,)
@@ -201,12 +206,10 @@ def train(args, command='python train_vae.py'):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()])
+            epoch_loop.record(loss, torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()]))
+        sums, seconds = epoch_loop.finish()
         train_loss, train_nll, train_kl = (sums / len(train_x)).tolist()   # one host sync per epoch
-        seconds = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            raise UserError(f'the training loss became {train_loss} in epoch {epoch}; the last good checkpoint '
-                            f'(epoch {epoch - 1}) is kept in {run.path}')
+        mid = None
 
         test_nll, test_kl = evaluate_elbo(model, test_x)
         row = dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
@@ -218,8 +221,7 @@ def train(args, command='python train_vae.py'):
             b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)
             figures['1.3b'].append(b)
             figures['1.3c'].append(c)
-        run.save_checkpoint(model_name='vae', model_config=model_config, model=model, optimizer=optimizer,
-                            epoch=epoch, extra={'order_rng': order_rng.get_state(), 'figures': figures})
+        save(epoch)
 
     # ---- final figures and metrics
     rows = run.read_metrics()

@@ -14,6 +14,13 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or a positive integer, got {text}')
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not value > 0:  # also refuses nan
@@ -51,6 +58,12 @@ def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
                         help='use only the first N test images; all when unset')
     common.add_argument('--resume', action='store_true',
                         help="continue from the run folder's checkpoint (after its last finished epoch)")
+    common.add_argument('--checkpoint-every', type=non_negative_int, default=500, metavar='STEPS',
+                        help='also checkpoint every STEPS optimizer steps inside an epoch (0: only at epoch ends); '
+                             'Ctrl-C / SIGTERM checkpoint at the current step too, and --resume continues exactly there')
+    common.add_argument('--allow-nan', action='store_true',
+                        help='train on through non-finite losses (by default the run stops, naming the step, and '
+                             'keeps the last good checkpoint)')
     common.add_argument('--amp', choices=['auto', 'on', 'off'], default='auto',
                         help='bf16 autocast of the training step; auto = on for a CUDA GPU with bf16, off on the CPU')
     common.add_argument('--compile', action='store_true',
@@ -65,7 +78,7 @@ def user_errors():
         yield
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, 'exit_code', 2))
 
 
 def run_main(script, parse_args, train, argv=None):

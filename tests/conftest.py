@@ -35,3 +35,42 @@ def isolated_torch_state():
             yield
     finally:
         torch.set_num_threads(n_threads)
+
+
+def run_script(script, args, **popen):
+    """A driver in a subprocess with one torch thread (so that runs compared bit for bit use the same kernels)."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def stop_mid_epoch(proc, checkpoint, epoch, signum, timeout=300):
+    """Send `signum` to the driver once its checkpoint is a mid-epoch one of `epoch`; returns (returncode, stderr)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f'the run ended before it could be stopped: {proc.stderr.read()[-2000:]}')
+        try:
+            mid = torch.load(checkpoint, weights_only=True)['extra'].get('mid_epoch')
+        except (FileNotFoundError, RuntimeError, EOFError):
+            mid = None
+        if mid is not None and mid['epoch'] == epoch:
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=120)
+            return proc.returncode, err
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError('no mid-epoch checkpoint appeared in time')
+
+
+def assert_same_weights(a, b):
+    """Two checkpoints hold bit-identical model (and EMA, when present) weights."""
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert ca['epoch'] == cb['epoch'] and ca['extra'].get('mid_epoch') is None is cb['extra'].get('mid_epoch')
+    for key in ca['model']:
+        assert torch.equal(ca['model'][key], cb['model'][key]), key
+    if ca['extra'].get('ema') is not None:
+        for key in ca['extra']['ema']:
+            assert torch.equal(ca['extra']['ema'][key], cb['extra']['ema'][key]), key

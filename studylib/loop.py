@@ -1,0 +1,141 @@
+"""One training epoch as the drivers run it: batches by index, mid-epoch checkpoints, Ctrl-C, non-finite losses.
+
+    epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, mid=mid, ...)
+    for idx in epoch_loop:                      # (B,) indices of this step's batch, on the device
+        ... forward, backward, step ...
+        epoch_loop.record(loss, torch.stack([...]))
+    sums, seconds = epoch_loop.finish()
+
+Exact resume: the epoch's permutation, the step reached, the running sums and seconds are handed to `save(state)`
+every `checkpoint_every` steps and when the user interrupts (Ctrl-C or SIGTERM), with every RNG state and the
+model/optimizer in the driver's checkpoint; a run restarted with --resume rebuilds the same permutation and skips
+the steps already done, so it ends with the weights of an uninterrupted run. An interrupt is acted on between two
+steps (the first signal sets a flag; a second one stops at once), so a checkpoint never holds a half-done step.
+
+Non-finite losses are tracked on the device (no host sync per step) and checked once per checkpoint and at the end
+of the epoch: the run stops with the step named, before a non-finite state is saved, unless allow_nan.
+"""
+import signal
+import time
+
+import torch
+from tqdm import tqdm
+
+from . import UserError
+
+
+class Interrupted(UserError):
+    """Ctrl-C / SIGTERM after a checkpoint was written: exit status 130, as a shell reports an interrupted job."""
+    exit_code = 130
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag instead of raising inside a step; a second signal raises at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for sig in self._previous:
+                signal.signal(sig, self._handle)
+        except ValueError:   # not the main thread: signals cannot be caught here, leave them as they are
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class EpochLoop:
+    def __init__(self, epoch, n, batch_size, order_rng, device, *, num_sums, mid=None, drop_last=False,
+                 checkpoint_every=0, save=None, allow_nan=False, desc=None, rank=0, world=1):
+        """epoch: 1-based; mid: the checkpoint's mid-epoch state when it belongs to this epoch (then the order
+        comes from it and order_rng is not drawn from again); rank/world: this process's slice of each batch."""
+        self.epoch, self.batch_size, self.device = epoch, batch_size, device
+        self.checkpoint_every, self.save, self.allow_nan, self.desc = checkpoint_every, save, allow_nan, desc
+        self.rank, self.world = rank, world
+        if mid is not None and mid['epoch'] == epoch:
+            self.order, self.start = mid['order'], mid['step']
+            self.sums, self.elapsed = mid['sums'].to(device).clone(), mid['seconds']
+        else:
+            self.order, self.start = torch.randperm(n, generator=order_rng), 0
+            self.sums, self.elapsed = torch.zeros(num_sums, device=device), 0.0
+        stop = n - n % batch_size if drop_last else n
+        self.starts = list(range(0, stop, batch_size))
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.step = self.start
+
+    def __len__(self):
+        return len(self.starts)
+
+    def state(self):
+        """What a checkpoint must hold to continue this epoch at self.step."""
+        return dict(epoch=self.epoch, step=self.step, order=self.order, sums=self.sums.detach().cpu().clone(),
+                    seconds=time.perf_counter() - self.t0)
+
+    def __iter__(self):
+        order = self.order.to(self.device)   # the whole permutation moves once per epoch
+        self.t0 = time.perf_counter() - self.elapsed
+        with _StopFlag() as stop:
+            bar = tqdm(range(self.start, len(self.starts)), initial=self.start, total=len(self.starts),
+                       desc=self.desc or f'epoch {self.epoch}', leave=False)
+            for self.step in bar:
+                if self.step > self.start and self._due(stop):
+                    self._checkpoint(interrupted=stop.requested)
+                idx = order[self.starts[self.step]:self.starts[self.step] + self.batch_size]
+                # every rank draws the same global batch and keeps its contiguous slice
+                yield idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx
+            self.step = len(self.starts)
+            if stop.requested:   # during the last step: save "every step done", resume finishes the epoch
+                self._checkpoint(interrupted=True)
+
+    def _due(self, stop):
+        return stop.requested or (self.checkpoint_every and self.step % self.checkpoint_every == 0)
+
+    def _checkpoint(self, interrupted):
+        self.check_finite()
+        if self.save is not None:
+            self.save(self.state())
+        if interrupted:
+            raise Interrupted(f'interrupted in epoch {self.epoch} after step {self.step} of {len(self.starts)}; '
+                              f'a checkpoint was saved: rerun the same command with --resume to continue')
+
+    def record(self, loss, sums):
+        """After a step: add its sums (a tensor) and remember the first step whose loss is not finite."""
+        self.sums += sums
+        if not self.allow_nan:
+            bad = ~torch.isfinite(loss.detach())
+            self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
+
+    def check_finite(self):
+        bad = int(self.first_bad)   # the one host sync, at checkpoints and epoch ends only
+        if bad >= 0:
+            raise NonFiniteLoss(f'the training loss became non-finite at epoch {self.epoch}, step {bad + 1} of '
+                                f'{len(self.starts)}; the last good checkpoint is kept (rerun with a lower --lr, '
+                                f'or --allow-nan to train on regardless)')
+
+    def finish(self):
+        """(sums, seconds) of the whole epoch, after checking that every loss was finite."""
+        self.check_finite()
+        return self.sums, time.perf_counter() - self.t0
+
+
+def resume_point(ckpt):
+    """(first epoch to run, its mid-epoch state or None) of a checkpoint (None: a fresh run)."""
+    if ckpt is None:
+        return 1, None
+    mid = ckpt['extra'].get('mid_epoch')
+    return (mid['epoch'], mid) if mid is not None else (ckpt['epoch'] + 1, None)
