@@ -150,3 +150,18 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(data_dir, tm
     assert rows[0] == rows[1] and len(rows[0]) == 2
     a, b = (json.load(open(p / 'summary.json'))['metrics'] for p in (tmp_path / 'a', tmp_path / 'b'))
     assert a['test_log_likelihood'] == b['test_log_likelihood']
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    """lr 1e9 diverges at the second step: the run exits 2 naming it, and the checkpoint taken after step 1 (finite
+    weights) is what the folder keeps; nothing later was saved."""
+    out = tmp_path / 'nan'
+    bad = cli('--data-dir', data_dir, '--out-dir', str(out), *TINY, '--epochs', '1', '--lr', '1e9',
+              '--checkpoint-every', '1')
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'non-finite at epoch 1, step' in errors[0] and '--allow-nan' in errors[0]
+    step = int(errors[0].split('step ')[1].split()[0])
+    ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert ckpt['extra']['mid_epoch']['step'] == step - 1          # the state just before the bad step
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
