@@ -61,12 +61,11 @@ class _StopFlag:
 
 class EpochLoop:
     def __init__(self, epoch, n, batch_size, order_rng, device, *, num_sums, mid=None, drop_last=False,
-                 checkpoint_every=0, save=None, allow_nan=False, desc=None, rank=0, world=1):
+                 checkpoint_every=0, save=None, allow_nan=False, desc=None):
         """epoch: 1-based; mid: the checkpoint's mid-epoch state when it belongs to this epoch (then the order
-        comes from it and order_rng is not drawn from again); rank/world: this process's slice of each batch."""
+        comes from it and order_rng is not drawn from again)."""
         self.epoch, self.batch_size, self.device = epoch, batch_size, device
         self.checkpoint_every, self.save, self.allow_nan, self.desc = checkpoint_every, save, allow_nan, desc
-        self.rank, self.world = rank, world
         if mid is not None and mid['epoch'] == epoch:
             self.order, self.start = mid['order'], mid['step']
             self.sums, self.elapsed = mid['sums'].to(device).clone(), mid['seconds']
@@ -95,9 +94,7 @@ class EpochLoop:
             for self.step in bar:
                 if self.step > self.start and self._due(stop):
                     self._checkpoint(interrupted=stop.requested)
-                idx = order[self.starts[self.step]:self.starts[self.step] + self.batch_size]
-                # every rank draws the same global batch and keeps its contiguous slice
-                yield idx.tensor_split(self.world)[self.rank] if self.world > 1 else idx
+                yield order[self.starts[self.step]:self.starts[self.step] + self.batch_size]
             self.step = len(self.starts)
             if stop.requested:   # during the last step: save "every step done", resume finishes the epoch
                 self._checkpoint(interrupted=True)

@@ -1,4 +1,4 @@
-"""studylib.loop.EpochLoop: exact mid-epoch resume, rank slices, non-finite losses, interrupts between steps."""
+"""studylib.loop.EpochLoop: exact mid-epoch resume, non-finite losses, interrupts between steps."""
 import os
 import signal
 
@@ -32,14 +32,6 @@ def test_a_loop_resumed_from_its_saved_state_finishes_like_an_uninterrupted_one(
     assert all(torch.equal(a, b) for a, b in zip(expected[3:], rest)) and len(rest) == len(expected) - 3
     assert torch.equal(resumed.finish()[0], whole.finish()[0])               # sums carried over: 7 steps, 50 images
     assert whole.finish()[0].tolist() == [7.0, 50.0]
-
-
-def test_rank_slices_partition_every_global_batch():
-    single = _run(EpochLoop(1, 40, 8, torch.Generator().manual_seed(1), 'cpu', num_sums=2, drop_last=True))
-    ranks = [_run(EpochLoop(1, 40, 8, torch.Generator().manual_seed(1), 'cpu', num_sums=2, drop_last=True,
-                            rank=r, world=2)) for r in range(2)]
-    for step, batch in enumerate(single):
-        assert torch.equal(torch.cat([ranks[0][step], ranks[1][step]]), batch)
 
 
 def test_a_non_finite_loss_stops_the_epoch_naming_the_step_unless_allowed():
