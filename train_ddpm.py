@@ -26,7 +26,7 @@ from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
-from studylib.digit_net import digit_quality, load_or_train
+from studylib.digit_net import digit_quality, inception_fd, load_or_train
 from studylib.quality import psnr
 from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
@@ -79,6 +79,9 @@ def parse_args(argv=None):
                            'seed\'s), or deterministic DDIM (eta=0) with --sample-steps steps. The final stage also '
                            'times and scores DDIM with 50 and 100 steps beside DDPM')
     ddpm.add_argument('--sample-steps', type=positive_int, default=50, help='DDIM steps when --sampler ddim')
+    ddpm.add_argument('--inception-fid', action='store_true',
+                      help='also report the standard Inception FID of the final samples against the quality '
+                           'reference (needs torch-fidelity and the Inception weights: a connected machine)')
     args = parser.parse_args(argv)
     if not 0 <= args.ema_decay < 1:
         parser.error(f'--ema-decay must be in [0, 1), got {args.ema_decay}')
@@ -193,7 +196,7 @@ def save_final_samples(run, samples, epoch, sampler, vae, quality, n_reference):
     from studylib.plots import grid_array
     vae_model, vae_epoch, vae_samples = vae
     nrow = math.ceil(math.sqrt(n))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 6.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.8))
     for ax, images, name, key in [(axes[0], samples, f'DDPM, epoch {epoch} ({sampler})', ''),
                                   (axes[1], vae_samples, f'VAE, epoch {vae_epoch} (decoder mean)', 'vae_')]:
         ax.imshow(grid_array(images, nrow), interpolation='nearest')
@@ -201,7 +204,7 @@ def save_final_samples(run, samples, epoch, sampler, vae, quality, n_reference):
         ax.axis('off')
     fig.suptitle(f'{n} samples from each model, trained on the same SVHN images', fontsize=11)
     fig.text(0.5, 0.02, calibration, ha='center', fontsize=8.5)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))   # room for the suptitle above the panel titles
     path = run.file('2.2d_ddpm_vs_vae.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -221,6 +224,9 @@ def train(args, command='python train_ddpm.py'):
         raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
     if len(test_x) < 2 * SWEEP_IMAGES:
         raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_IMAGES} test images, got {len(test_x)}')
+    if args.inception_fid:   # fail now, not after hours of training, when torch-fidelity or the weights are missing
+        few = to_unit_range(test_x[:4])
+        inception_fd(few[:2], few[2:])
 
     model_config = dict(dim=ddpm_solution.image_size, channels=ddpm_solution.input_channels, dim_mults=[1, 2, 4, 8])
     diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
@@ -339,6 +345,8 @@ def train(args, command='python train_ddpm.py'):
         samplers[f'{name}_{steps}'] = dict(seconds=seconds, **digit_quality(digit_net, images, reference))
     figures['2.2d'] = [save_final_samples(run, samples, epoch, sampler, vae_info, quality, len(reference))]
 
+    if args.inception_fid:
+        quality[''] |= {'inception_fd': inception_fd(samples, reference, device=device)}
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
                    final_train_loss=rows[-1]['train_loss'],
                    **time_metrics(rows),

@@ -74,3 +74,18 @@ def assert_same_weights(a, b):
     if ca['extra'].get('ema') is not None:
         for key in ca['extra']['ema']:
             assert torch.equal(ca['extra']['ema'][key], cb['extra']['ema'][key]), key
+
+
+def stop_resume_compare(script, args, tmp_path, epoch, signum):
+    """Run the driver straight to the end (folder a) and again stopped by `signum` inside `epoch`, then resumed
+    with --resume (folder b); the two must end with identical weights. Returns the stopped run's (code, stderr)."""
+    straight = run_script(script, args + ['--out-dir', str(tmp_path / 'a')])
+    stopped = run_script(script, args + ['--out-dir', str(tmp_path / 'b')])
+    code, err = stop_mid_epoch(stopped, tmp_path / 'b' / 'checkpoint.pt', epoch, signum)
+    mid = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['extra']['mid_epoch']
+    assert mid['epoch'] == epoch and mid['step'] > 0
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    resumed = run_script(script, args + ['--out-dir', str(tmp_path / 'b'), '--resume'])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert_same_weights(tmp_path / 'a' / 'checkpoint.pt', tmp_path / 'b' / 'checkpoint.pt')
+    return code, err

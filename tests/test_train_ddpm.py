@@ -197,19 +197,24 @@ def test_bad_sampler_flags_are_refused(capsys):
 def test_ctrl_c_checkpoints_the_step_and_resume_equals_the_uninterrupted_run(data_dir, tmp_path):
     """SIGINT (Ctrl-C) mid-epoch: exit status 130 with one line, a checkpoint at that step (EMA included), and
     --resume ends with the weights and EMA of an uninterrupted run."""
-    from tests.conftest import assert_same_weights, run_script, stop_mid_epoch
+    from tests.conftest import stop_resume_compare
     import signal
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '96',
             '--limit-test', '16', '--batch-size', '8', '--num-samples', '2', '--timesteps', '10',
             '--checkpoint-every', '1', '--ema-decay', '0.9']
-    straight = run_script('train_ddpm.py', args + ['--out-dir', str(tmp_path / 'a')])
-    stopped = run_script('train_ddpm.py', args + ['--out-dir', str(tmp_path / 'b')])
-    code, err = stop_mid_epoch(stopped, tmp_path / 'b' / 'checkpoint.pt', epoch=1, signum=signal.SIGINT)
+    code, err = stop_resume_compare('train_ddpm.py', args, tmp_path, epoch=1, signum=signal.SIGINT)
     lines = [line for line in err.splitlines() if line.startswith('error:')]
     assert code == 130 and len(lines) == 1 and 'interrupted in epoch 1 after step' in lines[0] and '--resume' in lines[0]
-    mid = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['extra']['mid_epoch']
-    assert 0 < mid['step'] < 12
-    assert straight.wait(timeout=300) == 0
-    resumed = run_script('train_ddpm.py', args + ['--out-dir', str(tmp_path / 'b'), '--resume'])
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert_same_weights(tmp_path / 'a' / 'checkpoint.pt', tmp_path / 'b' / 'checkpoint.pt')
+
+
+def test_inception_fid_without_its_weights_fails_before_training(data_dir, tmp_path, monkeypatch):
+    """--inception-fid on a machine without torch-fidelity or the weights: one line, exit 2, before any training."""
+    from studylib import UserError
+
+    def unavailable(*args, **kwargs):
+        raise UserError('the Inception FID needs torch-fidelity: pip install torch-fidelity')
+    monkeypatch.setattr(train_ddpm, 'inception_fd', unavailable)
+    with pytest.raises(SystemExit) as exc:
+        train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(tmp_path / 'fid'), '--timesteps', '10',
+                         '--inception-fid', *TINY])
+    assert exc.value.code == 2 and not (tmp_path / 'fid').exists()

@@ -132,19 +132,13 @@ def test_help_documents_every_flag_with_default():
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(data_dir, tmp_path):
     """The issue's pre-emption test: SIGKILL inside epoch 2, --resume, and the final weights, metric rows and
     summary numbers are those of an uninterrupted run with the same seed."""
-    from tests.conftest import assert_same_weights, run_script, stop_mid_epoch
+    from tests.conftest import stop_resume_compare
     import signal
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '2', '--limit-train', '1600',
             '--limit-test', '16', '--batch-size', '16', '--checkpoint-every', '10', '--ll-k', '1',
             '--profile-per-class', '1', '--sample-every', '2']
-    straight = run_script('train_vae.py', args + ['--out-dir', str(tmp_path / 'a')])
-    killed = run_script('train_vae.py', args + ['--out-dir', str(tmp_path / 'b')])
-    code, _ = stop_mid_epoch(killed, tmp_path / 'b' / 'checkpoint.pt', epoch=2, signum=signal.SIGKILL)
+    code, _ = stop_resume_compare('train_vae.py', args, tmp_path, epoch=2, signum=signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert straight.wait(timeout=300) == 0
-    resumed = run_script('train_vae.py', args + ['--out-dir', str(tmp_path / 'b'), '--resume'])
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert_same_weights(tmp_path / 'a' / 'checkpoint.pt', tmp_path / 'b' / 'checkpoint.pt')
     rows = [[{k: v for k, v in json.loads(line).items() if k != 'seconds'} for line in open(p / 'metrics.jsonl')]
             for p in (tmp_path / 'a', tmp_path / 'b')]
     assert rows[0] == rows[1] and len(rows[0]) == 2
