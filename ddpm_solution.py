@@ -331,9 +331,11 @@ class DiffusionSchedule(nn.Module):
             x = self.p_sample(model, x, t, i)
             yield x.cpu() if keep == 'cpu' else x
 
-    def p_losses(self, denoise_model, x_start, t):
-        """Huber (smooth L1, delta 1) between the true noise and the model's prediction of it, batch mean."""
-        noise = torch.randn_like(x_start)
+    def p_losses(self, denoise_model, x_start, t, noise=None):
+        """Huber (smooth L1, delta 1) between the true noise and the model's prediction of it, batch mean.
+        `noise` (the draw of eps, N(0, I) like x_start) is drawn here when not given."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
         x_noisy = self.q_sample(x_start, t, noise)
         predicted_noise = denoise_model(x_noisy, t)
         return F.smooth_l1_loss(predicted_noise, noise)

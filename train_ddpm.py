@@ -28,11 +28,11 @@ from studylib.data import load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.digit_net import digit_quality, inception_fd, load_or_train
 from studylib.quality import psnr
+from studylib.dist import check_batch, open_run_ranked, setup, wrap
 from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
 from studylib.trained import load_vae
-from studylib.run import (open_run, pick_device, restore, seed_everything,
-                          time_metrics)
+from studylib.run import restore, seed_everything, time_metrics
 
 SWEEP_IMAGES = 8
 QUALITY_REFERENCE = 2000   # test images the sample-quality measure compares against
@@ -211,9 +211,10 @@ def save_final_samples(run, samples, epoch, sampler, vae, quality, n_reference):
     return path
 
 
-def train(args, command='python train_ddpm.py'):
-    # ---- setup
-    device = pick_device(args.device)
+def train(args, command='python train_ddpm.py', ranks=None):
+    # ---- setup (under torchrun every rank seeds alike: they draw the same global batches, studylib.dist)
+    ranks = ranks or setup(args.device)
+    device = ranks.device
     seed_everything(args.seed)
     vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
 
@@ -222,6 +223,7 @@ def train(args, command='python train_ddpm.py'):
     test_x, _ = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     if args.batch_size > len(train_x):
         raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    check_batch(ranks, args.batch_size)
     if len(test_x) < 2 * SWEEP_IMAGES:
         raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_IMAGES} test images, got {len(test_x)}')
     if args.inception_fid:   # fail now, not after hours of training, when torch-fidelity or the weights are missing
@@ -231,11 +233,12 @@ def train(args, command='python train_ddpm.py'):
     model_config = dict(dim=ddpm_solution.image_size, channels=ddpm_solution.input_channels, dim_mults=[1, 2, 4, 8])
     diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
                             beta_end=ddpm_solution.beta_end)
-    run, config, ckpt = open_run(args, 'ddpm', {**model_config, **diffusion_config}, device, command)
+    run, config, ckpt = open_run_ranked(ranks, args, 'ddpm', {**model_config, **diffusion_config}, command)
 
     # ---- model, diffusion and optimizer
     model = ddpm_solution.Unet(**model_config).to(device)
-    step_model = prepare_model(model, device, args.compile)   # the same weights, laid out/compiled for speed
+    # the same weights, laid out, data-parallel under torchrun and compiled for speed
+    step_model = prepare_model(model, device, args.compile, wrap=lambda m: wrap(m, ranks))
     amp = use_amp(args, device)
     diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
@@ -261,6 +264,8 @@ def train(args, command='python train_ddpm.py'):
     sample_model = ema.module if ema is not None else model
 
     def save(epoch, mid_epoch=None):
+        if not ranks.is_main:
+            return
         run.save_checkpoint(model_name='ddpm', model_config={**model_config, **diffusion_config}, model=model,
                             optimizer=optimizer, epoch=epoch,
                             extra={'order_rng': order_rng.get_state(), 'figures': figures,
@@ -275,14 +280,16 @@ def train(args, command='python train_ddpm.py'):
         model.train()
         epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=1, mid=mid,
                                checkpoint_every=args.checkpoint_every, save=lambda state: save(epoch - 1, state),
-                               allow_nan=args.allow_nan)
+                               allow_nan=args.allow_nan, ranks=ranks)
         for idx in epoch_loop:
             x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
-            t = diffusion.t_sample(len(idx), device)                          # (B,) in {0..T-1}
+            # t and the noise are drawn for the whole global batch; this rank keeps its rows (studylib.dist)
+            t = diffusion.t_sample(epoch_loop.global_batch, device)[epoch_loop.part]          # (B,) in {0..T-1}
+            noise = torch.randn((epoch_loop.global_batch, *x.shape[1:]), device=device)[epoch_loop.part]
             with autocast(device, amp):
-                loss = diffusion.p_losses(step_model, x, t)
+                loss = diffusion.p_losses(step_model, x, t, noise)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * epoch_loop.loss_scale).backward()
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -290,6 +297,8 @@ def train(args, command='python train_ddpm.py'):
         loss_sum, seconds = epoch_loop.finish()
         train_loss = float(loss_sum) / len(train_x)   # read once per epoch: no host sync per step
         mid = None
+        if not ranks.is_main:   # rank 0 alone samples, writes the log, the figures and the checkpoint
+            continue
         row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
         if epoch % args.sample_every == 0 or epoch == args.epochs:
             samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
@@ -304,7 +313,9 @@ def train(args, command='python train_ddpm.py'):
                    + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
         save(epoch)
 
-    # ---- final figures and metrics
+    # ---- final figures and metrics (rank 0 alone)
+    if not ranks.is_main:
+        return None
     rows = run.read_metrics()
     epoch = rows[-1]['epoch']
     if samples is None:   # resumed after the last epoch: its samples were not kept

@@ -24,7 +24,8 @@ from studylib.cli import make_parser, positive_float, positive_int, run_main
 from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment, torchvision_pipeline
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
 from studylib.plots import pyplot
-from studylib.run import RunDir, make_config, pick_device, restore, seed_everything, time_metrics
+from studylib.run import RunDir, load_checkpoint, make_config, restore, seed_everything, time_metrics
+from studylib.dist import Ranks, all_sum, barrier, check_batch, gather_rows, setup, sync_batchnorm, wrap
 from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, to_device_batch, use_amp
 
@@ -135,13 +136,19 @@ def backbone(model):
 
 
 @torch.no_grad()
-def knn_accuracy(model, train_x, train_y, test_x, test_y, k, t):
-    """Top-1 % of the weighted kNN monitor on the L2-normalised encoder output (the template's features)."""
-    bank = F.normalize(embed(model.encoder, train_x), dim=1)                  # (N, dim)
-    feats = F.normalize(embed(model.encoder, test_x), dim=1)                  # (M, dim)
+def knn_accuracy(model, train_x, train_y, test_x, test_y, k, t, ranks=None):
+    """Top-1 % of the weighted kNN monitor on the L2-normalised encoder output (the template's features).
+
+    Under torchrun each rank embeds its share of the training set, the bank is gathered on every rank, and each
+    rank classifies its share of the test set: the work is split, the answer is the single-process one."""
+    ranks = ranks or Ranks(device=train_x.device)
+    share = (lambda x: x.tensor_split(ranks.world)[ranks.rank])
+    bank = gather_rows(F.normalize(embed(model.encoder, share(train_x)), dim=1), ranks)   # (N, dim)
+    feats = F.normalize(embed(model.encoder, share(test_x)), dim=1)                          # (M / world, dim)
     pred = torch.cat([q3_solution.knn_predict(feats[idx], bank, train_y, len(CIFAR_CLASSES), k, t)[:, 0]
                       for idx in batch_indices(len(feats), EVAL_BATCH, shuffle=False)])
-    return 100.0 * (pred == test_y).float().mean().item()
+    correct = all_sum((pred == share(test_y)).sum().float(), ranks)
+    return 100.0 * correct.item() / len(test_y)
 
 
 def linear_probe(model, train_x, train_y, test_x, test_y, epochs=100):
@@ -185,7 +192,7 @@ def _torchvision_resnet18(**kwargs):
     return resnet18(**kwargs)
 
 
-def train_config(args, name, data, device, command):
+def train_config(args, name, data, ranks, command):
     """Train one configuration in its own run folder (resuming it if asked); returns its final metrics."""
     train_x, train_y, test_x, test_y = data
     settings = variant_settings(args, name)
@@ -196,11 +203,18 @@ def train_config(args, name, data, device, command):
         if metrics['epochs'] >= args.epochs:   # finished: --resume of an experiment skips it
             print(f'{name}: already finished in {run.path}')
             return metrics
+    device = ranks.device
     config = make_config(args, 'simsiam', settings, device, command) | {'configuration': name}
-    ckpt = run.start(config, args.resume and os.path.exists(run.checkpoint_path))
+    resume = args.resume and os.path.exists(run.checkpoint_path)
+    ckpt = run.start(config, resume) if ranks.is_main else None   # rank 0 alone writes the run folder
+    barrier(ranks)
+    if not ranks.is_main and resume:
+        ckpt = load_checkpoint(run.checkpoint_path)
 
     model = build_model(settings).to(device)
-    step_model = prepare_model(model, device, args.compile)   # the same weights, laid out/compiled for speed
+    sync_batchnorm(model, ranks)   # batch statistics over the global batch under torchrun (the paper's setting)
+    # the same weights, laid out, data-parallel under torchrun and compiled for speed
+    step_model = prepare_model(model, device, args.compile, wrap=lambda m: wrap(m, ranks))
     amp = use_amp(args, device)
     # The predictor keeps a fixed lr (paper Sec. 4.2 / the official fix_pred_lr): it adapts to the latest
     # representation, which the paper finds helps with a cosine schedule.
@@ -216,6 +230,8 @@ def train_config(args, name, data, device, command):
         print(f'{name}: resumed at epoch {start_epoch}, step {mid["step"] if mid else 0}')
 
     def save(epoch, mid_epoch=None):
+        if not ranks.is_main:
+            return
         run.save_checkpoint(model_name='simsiam', model_config=settings, model=model, optimizer=optimizer,
                             epoch=epoch, extra={'order_rng': order_rng.get_state(), 'mid_epoch': mid_epoch})
 
@@ -234,7 +250,7 @@ def train_config(args, name, data, device, command):
         # loss and the std of normalised z summed over steps on the device; read once per epoch
         epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=2, mid=mid,
                                drop_last=True, checkpoint_every=args.checkpoint_every,
-                               save=lambda state: save(epoch - 1, state), allow_nan=args.allow_nan)
+                               save=lambda state: save(epoch - 1, state), allow_nan=args.allow_nan, ranks=ranks)
         if args.loader == 'torchvision':   # per-image transforms in worker processes, in the epoch's order
             first = epoch_loop.start * args.batch_size
             loader = iter(torch.utils.data.DataLoader(
@@ -243,9 +259,11 @@ def train_config(args, name, data, device, command):
         for idx in epoch_loop:
             if args.loader == 'device':   # both views made on the device: no per-image Python, no copies
                 x = dev_train_x[idx]                                               # (B, 3, 32, 32) uint8
-                x1, x2 = augment(x), augment(x)                                    # (B, 3, 32, 32) float
+                # each view's parameters are drawn for the global batch; this rank applies its rows
+                params = [augment.sample_params(epoch_loop.global_batch, *x.shape[-2:]) for _ in range(2)]
+                x1, x2 = (augment.apply(x, {k: v[epoch_loop.part] for k, v in p.items()}) for p in params)
             else:
-                x1, x2 = next(loader)
+                x1, x2 = (view[epoch_loop.part] for view in next(loader))   # the global batch's views
             x1, x2 = to_device_batch(x1, device), to_device_batch(x2, device)
             with autocast(device, amp):
                 p1, p2, z1, z2 = step_model(x1, x2)                              # (B, dim) each
@@ -257,17 +275,21 @@ def train_config(args, name, data, device, command):
             # Collapse indicator (paper Sec. 4.1): per-dimension std of z/||z|| over the batch, averaged;
             # about 1/sqrt(dim) for a healthy spread, 0 when every image maps to the same vector.
             collapse = F.normalize(z1.detach(), dim=1).std(dim=0, correction=0).mean()
-            epoch_loop.record(loss, torch.stack([loss.detach(), collapse]))
+            epoch_loop.record(loss, torch.stack([loss.detach(), collapse]) / ranks.world)   # means over ranks
         sums, seconds = epoch_loop.finish()
         train_loss, z_std = (sums / len(epoch_loop)).tolist()
         mid = None
-        knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t)
+        knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t, ranks)
+        if not ranks.is_main:   # rank 0 alone writes the log and the checkpoint
+            continue
         row = dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds)
         run.log_metrics(row)
         tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
                    f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
         save(epoch)
 
+    if not ranks.is_main:
+        return None
     rows = run.read_metrics()
     probe = linear_probe(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y)
     metrics = dict(configuration=name, epochs=rows[-1]['epoch'], final_train_loss=rows[-1]['train_loss'],
@@ -323,13 +345,15 @@ def save_question_figures(out, qid, title, names, logs, rate_line=None):
     return [curves, collapse]
 
 
-def train(args, command='python train_simsiam.py'):
-    device = pick_device(args.device)
+def train(args, command='python train_simsiam.py', ranks=None):
+    ranks = ranks or setup(args.device)   # under torchrun every rank seeds alike: same global batches (studylib.dist)
+    device = ranks.device
     seed_everything(args.seed)
     train_x, train_y = load_split('cifar10', args.data_dir, 'train', not args.no_download, args.limit_train)
     test_x, test_y = load_split('cifar10', args.data_dir, 'test', not args.no_download, args.limit_test)
     if args.batch_size > len(train_x):
         raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    check_batch(ranks, args.batch_size)
     names = ['single'] if args.experiment == 'single' else EXPERIMENTS[args.experiment]
     if not args.resume:   # refuse before training anything, not after the first configuration
         for name in names:
@@ -343,8 +367,8 @@ def train(args, command='python train_simsiam.py'):
     results = {}
     for name in names:
         seed_everything(args.seed)   # every configuration starts from the same initial state
-        results[name] = train_config(args, name, data, device, command)
-    if args.experiment == 'single':
+        results[name] = train_config(args, name, data, ranks, command)
+    if args.experiment == 'single' or not ranks.is_main:
         return results
 
     exp = RunDir(args.out_dir)

@@ -11,6 +11,7 @@ import json
 import math
 
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 import vae_solution
@@ -18,9 +19,10 @@ from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
 from studylib.plots import pyplot, save_image_grid, save_time_figure
+from studylib.dist import check_batch, open_run_ranked, setup, sync_batchnorm, wrap
 from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
-from studylib.run import open_run, pick_device, restore, seed_everything, time_metrics
+from studylib.run import restore, seed_everything, time_metrics
 
 EVAL_BATCH = 500
 NUM_PIXELS = 3 * 32 * 32
@@ -146,9 +148,25 @@ def save_interpolations(model, test_images, test_labels, run, epoch, generator, 
                            f'epoch {epoch}', nrow=n_points, row_labels=labels)
 
 
-def train(args, command='python train_vae.py'):
+class ReparamStep(nn.Module):
+    """VAE.forward's loss terms with the reparameterisation noise passed in: (nll (B,), kl (B,)) for x and
+    eps ~ N(0, I) of shape (B, z_dim). Under torchrun each rank passes its rows of one global draw (studylib.dist);
+    in one process the draw is the very one VAE.forward would make (tests/test_train_vae.py)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, eps):
+        posterior = self.vae.encode(x)
+        z = posterior.mean + posterior.std * eps                          # (B, z_dim)
+        return self.vae.decode(z).nll(x), posterior.kl()
+
+
+def train(args, command='python train_vae.py', ranks=None):
     # ---- setup
-    device = pick_device(args.device)
+    ranks = ranks or setup(args.device)   # under torchrun every rank seeds alike: same global batches (studylib.dist)
+    device = ranks.device
     seed_everything(args.seed)
 
     # ---- data first: a missing file must fail in seconds, before the run folder is touched
@@ -156,16 +174,19 @@ def train(args, command='python train_vae.py'):
     test_x, test_y = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     if args.batch_size > len(train_x):
         raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    check_batch(ranks, args.batch_size)
     if len(test_x) < 8:
         raise UserError(f'the figures need at least 8 test images, got {len(test_x)} (--limit-test)')
 
     model_config = dict(in_channels=vae_solution.input_channels, encoder_features=32, decoder_features=32,
                         z_dim=args.z_dim, input_size=vae_solution.image_size)
-    run, config, ckpt = open_run(args, 'vae', model_config, device, command)
+    run, config, ckpt = open_run_ranked(ranks, args, 'vae', model_config, command)
 
     # ---- model and optimizer
     model = vae_solution.VAE(**model_config, device=device).to(device)
-    step_model = prepare_model(model, device, args.compile)   # the same weights, laid out/compiled for speed
+    sync_batchnorm(model, ranks)   # the encoder's batch norm sees the global batch under torchrun
+    # the same weights, laid out, data-parallel under torchrun and compiled for speed
+    step_model = prepare_model(ReparamStep(model), device, args.compile, wrap=lambda m: wrap(m, ranks))
     amp = use_amp(args, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
     print(f'VAE: {sum(p.numel() for p in model.parameters()):,} parameters; '
@@ -185,6 +206,8 @@ def train(args, command='python train_vae.py'):
         print(f'resumed from {run.checkpoint_path} at epoch {start_epoch}, step {mid["step"] if mid else 0}')
 
     def save(epoch, mid_epoch=None):
+        if not ranks.is_main:
+            return
         run.save_checkpoint(model_name='vae', model_config=model_config, model=model, optimizer=optimizer,
                             epoch=epoch, extra={'order_rng': order_rng.get_state(), 'figures': figures,
                                                 'mid_epoch': mid_epoch})
@@ -197,33 +220,38 @@ def train(args, command='python train_vae.py'):
         # loss, nll, kl summed over images on the device; read once per epoch
         epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=3, mid=mid,
                                checkpoint_every=args.checkpoint_every, save=lambda state: save(epoch - 1, state),
-                               allow_nan=args.allow_nan)
+                               allow_nan=args.allow_nan, ranks=ranks)
         for idx in epoch_loop:
             x = to_unit_range(train_x[idx])                      # (B, 3, 32, 32) in [-1, 1]
+            eps = torch.randn((epoch_loop.global_batch, args.z_dim), device=device)[epoch_loop.part]
             with autocast(device, amp):
-                _, nll, kl = step_model(x)                                   # (B,), (B,)
+                nll, kl = step_model(x, eps)                                 # (B,), (B,)
                 loss = (nll + kl).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * epoch_loop.loss_scale).backward()
             optimizer.step()
             epoch_loop.record(loss, torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()]))
         sums, seconds = epoch_loop.finish()
         train_loss, train_nll, train_kl = (sums / len(train_x)).tolist()   # one host sync per epoch
         mid = None
 
-        test_nll, test_kl = evaluate_elbo(model, test_x)
+        test_nll, test_kl = evaluate_elbo(model, test_x)   # every rank: the RNG streams stay alike
+        if not ranks.is_main:   # rank 0 alone writes the log, the figures and the checkpoint
+            continue
         row = dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
                    test_nll=test_nll, test_kl=test_kl, test_neg_elbo=test_nll + test_kl, seconds=seconds)
         run.log_metrics(row)
         tqdm.write(f'epoch {epoch}: train loss {train_loss:.2f} (nll {train_nll:.2f}, kl {train_kl:.2f}), '
                    f'test -ELBO {test_nll + test_kl:.2f}, {seconds:.1f} s')
         if epoch % args.sample_every == 0 or epoch == args.epochs:
-            b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)
+            b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)   # draws no random numbers
             figures['1.3b'].append(b)
             figures['1.3c'].append(c)
         save(epoch)
 
-    # ---- final figures and metrics
+    # ---- final figures and metrics (rank 0 alone)
+    if not ranks.is_main:
+        return None
     rows = run.read_metrics()
     epoch = rows[-1]['epoch']
     figures['1.3a'] = [save_time_figure([r['epoch'] for r in rows], [r['seconds'] for r in rows],

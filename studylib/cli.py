@@ -84,8 +84,14 @@ def user_errors():
 def run_main(script, parse_args, train, argv=None):
     """A driver's main(): parse (argparse errors exit 2 by themselves), then train with user errors as one line.
 
-    `train(args, command)` gets the command line as the user typed it, for config.json."""
+    `train(args, command, ranks)` gets the command line as the user typed it, for config.json, and the process's
+    place under torchrun (studylib.dist.Ranks; one process without torchrun)."""
+    from .dist import setup, teardown
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     with user_errors():
-        return train(args, shlex.join(['python', script, *argv]))
+        ranks = setup(args.device)   # one process, or this process's rank under torchrun
+        try:
+            return train(args, shlex.join(['python', script, *argv]), ranks)
+        finally:
+            teardown(ranks)

@@ -220,7 +220,8 @@ def feature_fd(features, num_features, samples, reference, batch_size=EVAL_BATCH
     `features` maps a batch (B, ...) to (B, num_features); batches of `batch_size` go to `device` (by default
     the samples' device)."""
     device = torch.device(device) if device is not None else samples.device
-    metric = _fid_metric_class()(feature=_FeatureExtractor(features, num_features)).to(device)
+    # sync_on_compute=False: under torchrun, rank 0 alone measures; the metric must not wait for the others
+    metric = _fid_metric_class()(feature=_FeatureExtractor(features, num_features), sync_on_compute=False).to(device)
     for real, images in ((True, reference), (False, samples)):
         for i in range(0, len(images), batch_size):
             metric.update(images[i:i + batch_size].to(device), real=real)
@@ -262,7 +263,7 @@ def inception_fd(samples, reference, batch_size=100, device='cpu', weights_path=
     reference implementation expects."""
     metric_class = _fid_metric_class()
     try:
-        metric = metric_class(feature=2048, feature_extractor_weights_path=weights_path)
+        metric = metric_class(feature=2048, feature_extractor_weights_path=weights_path, sync_on_compute=False)
     except ModuleNotFoundError as exc:
         raise UserError('the Inception FID needs torch-fidelity: pip install torch-fidelity '
                         '(or pip install "torchmetrics[image]")') from exc

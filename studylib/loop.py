@@ -19,9 +19,13 @@ import signal
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import UserError
+from .dist import Ranks
+
+SYNC_EVERY = 20   # under torchrun, ranks agree on a Ctrl-C every SYNC_EVERY steps (one tiny all_reduce)
 
 
 class Interrupted(UserError):
@@ -61,14 +65,18 @@ class _StopFlag:
 
 class EpochLoop:
     def __init__(self, epoch, n, batch_size, order_rng, device, *, num_sums, mid=None, drop_last=False,
-                 checkpoint_every=0, save=None, allow_nan=False, desc=None):
+                 checkpoint_every=0, save=None, allow_nan=False, desc=None, ranks=None):
         """epoch: 1-based; mid: the checkpoint's mid-epoch state when it belongs to this epoch (then the order
-        comes from it and order_rng is not drawn from again)."""
+        comes from it and order_rng is not drawn from again); ranks: under torchrun, this process's share
+        (studylib.dist): every rank walks the same order and takes its contiguous slice of each global batch."""
+        self.ranks = ranks or Ranks(device=torch.device(device))
         self.epoch, self.batch_size, self.device = epoch, batch_size, device
         self.checkpoint_every, self.save, self.allow_nan, self.desc = checkpoint_every, save, allow_nan, desc
         if mid is not None and mid['epoch'] == epoch:
             self.order, self.start = mid['order'], mid['step']
             self.sums, self.elapsed = mid['sums'].to(device).clone(), mid['seconds']
+            if self.ranks.rank > 0:   # the saved sums are every rank's together: rank 0 carries them on
+                self.sums.zero_()
         else:
             self.order, self.start = torch.randperm(n, generator=order_rng), 0
             self.sums, self.elapsed = torch.zeros(num_sums, device=device), 0.0
@@ -81,8 +89,11 @@ class EpochLoop:
         return len(self.starts)
 
     def state(self):
-        """What a checkpoint must hold to continue this epoch at self.step."""
-        return dict(epoch=self.epoch, step=self.step, order=self.order, sums=self.sums.detach().cpu().clone(),
+        """What a checkpoint must hold to continue this epoch at self.step (under torchrun: a collective call)."""
+        sums = self.sums.detach().clone()
+        if self.ranks.distributed:
+            dist.all_reduce(sums)
+        return dict(epoch=self.epoch, step=self.step, order=self.order, sums=sums.cpu(),
                     seconds=time.perf_counter() - self.t0)
 
     def __iter__(self):
@@ -94,18 +105,38 @@ class EpochLoop:
             for self.step in bar:
                 if self.step > self.start and self._due(stop):
                     self._checkpoint(interrupted=stop.requested)
-                yield order[self.starts[self.step]:self.starts[self.step] + self.batch_size]
+                idx = order[self.starts[self.step]:self.starts[self.step] + self.batch_size]
+                self.global_batch = len(idx)
+                bounds = [len(part) for part in torch.arange(len(idx)).tensor_split(self.ranks.world)]
+                first = sum(bounds[:self.ranks.rank])
+                # this rank's rows of the global batch: slice every per-image random draw of the step with it
+                self.part = slice(first, first + bounds[self.ranks.rank])
+                # DDP averages gradients over ranks; with unequal shares that is not the batch mean unless
+                # each rank's mean loss is weighted by its share
+                self.loss_scale = bounds[self.ranks.rank] * self.ranks.world / len(idx)
+                yield idx[self.part]
             self.step = len(self.starts)
             if stop.requested:   # during the last step: save "every step done", resume finishes the epoch
                 self._checkpoint(interrupted=True)
 
     def _due(self, stop):
-        return stop.requested or (self.checkpoint_every and self.step % self.checkpoint_every == 0)
+        periodic = bool(self.checkpoint_every and self.step % self.checkpoint_every == 0)
+        if not self.ranks.distributed:
+            return stop.requested or periodic
+        if self.step % SYNC_EVERY and not periodic:
+            return False
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)   # a signal seen by any rank stops all at the same step
+        stop.requested = bool(flag.item())
+        return stop.requested or periodic
 
     def _checkpoint(self, interrupted):
         self.check_finite()
-        if self.save is not None:
-            self.save(self.state())
+        state = self.state()
+        if self.save is not None and self.ranks.is_main:
+            self.save(state)
+        if self.ranks.distributed:
+            dist.barrier()   # nobody runs (or exits) ahead of the checkpoint being on disk
         if interrupted:
             raise Interrupted(f'interrupted in epoch {self.epoch} after step {self.step} of {len(self.starts)}; '
                               f'a checkpoint was saved: rerun the same command with --resume to continue')
@@ -118,15 +149,22 @@ class EpochLoop:
             self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
 
     def check_finite(self):
-        bad = int(self.first_bad)   # the one host sync, at checkpoints and epoch ends only
+        bad = self.first_bad.clone()
+        if self.ranks.distributed:   # the earliest bad step over all ranks: every rank stops together
+            bad = torch.where(bad < 0, torch.iinfo(torch.long).max, bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
+        bad = int(bad)   # the one host sync, at checkpoints and epoch ends only
         if bad >= 0:
             raise NonFiniteLoss(f'the training loss became non-finite at epoch {self.epoch}, step {bad + 1} of '
                                 f'{len(self.starts)}; the run stopped before saving it, so its last good checkpoint (if '
                                 f'any) is kept: rerun with a lower --lr, or --allow-nan to train on regardless')
 
     def finish(self):
-        """(sums, seconds) of the whole epoch, after checking that every loss was finite."""
+        """(sums over every rank, seconds) of the whole epoch, after checking that every loss was finite."""
         self.check_finite()
+        if self.ranks.distributed:
+            dist.all_reduce(self.sums)
         return self.sums, time.perf_counter() - self.t0
 
 

@@ -20,11 +20,14 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def prepare_model(model, device, compile_model=False):
-    """channels_last on CUDA (tensor-core convolutions want NHWC); torch.compile when asked. Returns the module to
-    call in the training step; `model` itself keeps the weights, so checkpoints and EMA see plain names."""
+def prepare_model(model, device, compile_model=False, wrap=None):
+    """channels_last on CUDA (tensor-core convolutions want NHWC), then `wrap` (DistributedDataParallel under
+    torchrun), then torch.compile when asked. Returns the module to call in the training step; `model` itself keeps
+    the weights, so checkpoints and EMA see plain names."""
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
+    if wrap is not None:
+        model = wrap(model)
     return torch.compile(model) if compile_model else model
 
 

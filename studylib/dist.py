@@ -1,0 +1,155 @@
+"""Data-parallel training under torchrun: one process per device, DistributedDataParallel, rank 0 writes.
+
+    torchrun --nproc_per_node=4 train_simsiam.py ...      # 4 GPUs (nccl), or 4 CPU processes (gloo)
+
+`--batch-size` stays the GLOBAL batch: every rank draws the same permutation (same seed) and takes its contiguous
+slice of each global batch, and the random numbers of a step (noise, time steps, augmentation parameters) are drawn
+for the whole global batch on every rank, each rank keeping its slice. With batch norm synchronised across ranks,
+an N-process run therefore computes what the single-process run computes, up to the order of float reductions;
+the learning-rate rules that depend on the batch (SimSiam's 0.03 * batch / 256) use the global batch.
+A plain `python train_X.py` (no torchrun environment) is one process and none of this applies.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import UserError
+from .run import RunDir, load_checkpoint, make_config, open_run, pick_device
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world > 1
+
+
+def setup(device_flag):
+    """The process group when torchrun started this process (nccl on CUDA, gloo on the CPU), else one process."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return Ranks(device=pick_device(device_flag))
+    rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
+    device = pick_device(device_flag)
+    if device.type == 'cuda':
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f'local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): '
+                            f'lower --nproc_per_node')
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return Ranks(rank, world, device)
+
+
+def teardown(ranks):
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch(ranks, batch_size):
+    if batch_size % ranks.world:
+        raise UserError(f'--batch-size {batch_size} (the global batch) is not divisible by the {ranks.world} '
+                        f'processes; each must get the same share')
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose batch statistics are all-reduced over the ranks (torch's SyncBatchNorm is CUDA-only):
+    the differentiable all_reduce of torch.distributed.nn carries the gradient through the statistics."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat([x.sum(dims), x.pow(2).sum(dims), count]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean.pow(2)                          # biased, as batch norm normalises
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))   # unbiased, as batch norm keeps
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(module, ranks):
+    """Every batch norm of `module` synchronised across the ranks (torch's SyncBatchNorm on CUDA, ours on CPU)."""
+    if not ranks.distributed:
+        return module
+    if ranks.device.type == 'cuda':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.requires_grad_(any(p.requires_grad for p in child.parameters()) if child.affine else False)
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, ranks)
+    return module
+
+
+def wrap(model, ranks):
+    """DistributedDataParallel over the ranks (the model itself keeps the weights and plain parameter names)."""
+    if not ranks.distributed:
+        return model
+    ids = [ranks.device.index] if ranks.device.type == 'cuda' else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def all_sum(tensor, ranks):
+    if ranks.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_rows(part, ranks):
+    """Concatenate every rank's (n_r, ...) block in rank order (blocks may differ in length by one)."""
+    if not ranks.distributed:
+        return part
+    sizes = [torch.zeros(1, dtype=torch.long, device=part.device) for _ in range(ranks.world)]
+    dist.all_gather(sizes, torch.tensor([len(part)], device=part.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = F.pad(part, [0, 0] * (part.dim() - 1) + [0, longest - len(part)])
+    blocks = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(blocks, padded)
+    return torch.cat([b[:int(s.item())] for b, s in zip(blocks, sizes)])
+
+
+def barrier(ranks):
+    if ranks.distributed:
+        dist.barrier()
+
+
+def open_run_ranked(ranks, args, model, model_config, command):
+    """open_run on rank 0 (the only writer); the other ranks read the checkpoint it resumes from, if any."""
+    if ranks.is_main:
+        run, config, ckpt = open_run(args, model, model_config, ranks.device, command)
+    barrier(ranks)
+    if not ranks.is_main:
+        run = RunDir(args.out_dir)
+        config = make_config(args, model, model_config, ranks.device, command)
+        ckpt = load_checkpoint(run.checkpoint_path) if args.resume else None
+    return run, config, ckpt
