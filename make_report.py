@@ -102,7 +102,11 @@ def lookup(runs, path, spec, told=None):
     value = runs[key][1]['metrics']
     for k in keys:
         if not isinstance(value, dict) or k not in value:
-            if key == 'simsiam' and value is runs[key][1]['metrics']:
+            if key == 'simsiam' and value is runs[key][1]['metrics']:   # a configuration the experiment lacks
+                if told is not None and f'{key}.{k}' in told:
+                    return MISSING + 'not run yet' + MISSING
+                if told is not None:
+                    told.add(f'{key}.{k}')
                 return MISSING + f'not run yet: configuration {k} ({HOW_TO_RUN["simsiam"]})' + MISSING
             return MISSING + f'not measured in {runs[key][0]}' + MISSING
         value = value[k]
