@@ -63,10 +63,11 @@ def read_runs(run_dirs):
         try:
             with open(summary_path) as f:
                 summary = json.load(f)
-            key = summary['model']
-            summary['figures'], summary['metrics']   # noqa: B018 -- both are required
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f'{summary_path} is not a run summary ({type(exc).__name__}: {exc})') from exc
+        except (OSError, ValueError) as exc:
+            raise UserError(f'{summary_path} is unreadable ({type(exc).__name__}: {exc})') from exc
+        if not isinstance(summary, dict) or not {'model', 'figures', 'metrics'} <= summary.keys():
+            raise UserError(f'{summary_path} is not a run summary (it needs "model", "figures" and "metrics")')
+        key = summary['model']
         if key in runs:
             if key != 'ddpm':
                 raise UserError(f'two {key} runs given ({runs[key][0]} and {path}): pass one')

@@ -20,9 +20,10 @@ the torchvision semantics this study's numbers are defined by, or break the "no 
     corner pixel centres onto the output's (align_corners=True geometry, e.g. a 14-pixel crop is magnified
     31/13 = 2.38x instead of 32/14 = 2.29x, and its border pixels get full rather than half weight) whatever
     align_corners says: on random images it is up to 0.29 (mean 0.027) away from torchvision's crop of the same
-    box, where slice mode with align_corners=False is within 1e-7. Here the crop, the resize and the flip are one pair of per-image interpolation matrices
-    applied by two batched matmuls: torchvision's resize of the cropped slice (F.interpolate, bilinear,
-    align_corners=False, antialias=True, reading only pixels inside the crop), to float rounding.
+    box, where slice mode with align_corners=False is within 1e-7. Here the crop, the resize and the flip are one
+    pair of per-image interpolation matrices applied by two batched matmuls: torchvision's resize of the cropped
+    slice (F.interpolate, bilinear, align_corners=False, antialias=True, reading only pixels inside the crop), to
+    float rounding.
   * ColorJitter (the kornia class that follows torchvision's formulas; ColorJiggle does not: its brightness is
     additive) draws ONE order of the four operations per call, shared by the whole batch; torchvision draws one per
     image. Here each image has its own order. kornia's grayscale weights (0.299, 0.587, 0.114) also differ from

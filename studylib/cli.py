@@ -60,7 +60,7 @@ def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
                         help="continue from the run folder's checkpoint (after its last finished epoch)")
     common.add_argument('--checkpoint-every', type=non_negative_int, default=500, metavar='STEPS',
                         help='also checkpoint every STEPS optimizer steps inside an epoch (0: only at epoch ends); '
-                             'Ctrl-C / SIGTERM checkpoint at the current step too, and --resume continues exactly there')
+                             'Ctrl-C / SIGTERM checkpoint at the current step too; --resume continues exactly there')
     common.add_argument('--allow-nan', action='store_true',
                         help='train on through non-finite losses (by default the run stops, naming the step, and '
                              'keeps the last good checkpoint)')

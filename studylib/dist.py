@@ -65,9 +65,26 @@ def check_batch(ranks, batch_size):
                         f'processes; each must get the same share')
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: the sum is used by every rank, so each input's gradient is the sum of
+    every rank's gradient of it (DistributedDataParallel then averages the parameter gradients as usual)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose batch statistics are all-reduced over the ranks (torch's SyncBatchNorm is CUDA-only):
-    the differentiable all_reduce of torch.distributed.nn carries the gradient through the statistics."""
+    """Batch norm whose batch statistics are all-reduced over the ranks (torch's SyncBatchNorm is CUDA-only); the
+    gradient flows through the all-reduced statistics."""
 
     def _check_input_dim(self, x):
         pass
@@ -75,17 +92,17 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         dims = [0] + list(range(2, x.dim()))
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum(dims), x.pow(2).sum(dims), count]))
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), x.pow(2).sum(dims), count]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
         var = stats[c:2 * c] / n - mean.pow(2)                          # biased, as batch norm normalises
         with torch.no_grad():
             self.num_batches_tracked += 1
-            m = self.momentum
+            # momentum None: a cumulative average, as torch's batch norm
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
             self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))   # unbiased, as batch norm keeps
         shape = [1, c] + [1] * (x.dim() - 2)

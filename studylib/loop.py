@@ -157,8 +157,8 @@ class EpochLoop:
         bad = int(bad)   # the one host sync, at checkpoints and epoch ends only
         if bad >= 0:
             raise NonFiniteLoss(f'the training loss became non-finite at epoch {self.epoch}, step {bad + 1} of '
-                                f'{len(self.starts)}; the run stopped before saving it, so its last good checkpoint (if '
-                                f'any) is kept: rerun with a lower --lr, or --allow-nan to train on regardless')
+                                f'{len(self.starts)}; the run stopped before saving it, so its last good checkpoint '
+                                f'(if any) is kept: rerun with a lower --lr, or --allow-nan to train on regardless')
 
     def finish(self):
         """(sums over every rank, seconds) of the whole epoch, after checking that every loss was finite."""

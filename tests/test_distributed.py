@@ -78,3 +78,32 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(data_dir, tmp_path
                             text=True, timeout=300)
     assert result.returncode != 0 and 'not divisible by the 2 processes' in result.stderr
     assert not (tmp_path / 'odd').exists()
+
+
+def test_cpu_sync_batchnorm_is_batchnorm_on_one_rank(tmp_path):
+    """On a single-rank gloo group the all-reduced statistics are the batch's own: outputs, gradients and running
+    statistics equal nn.BatchNorm2d's (the multi-rank agreement is the driver tests above)."""
+    import torch.distributed as dist
+    from studylib.dist import CPUSyncBatchNorm
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        reference, ours = torch.nn.BatchNorm2d(3), CPUSyncBatchNorm(3)
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5), reference.bias.uniform_(-1, 1)
+        ours.load_state_dict(reference.state_dict())
+        x = torch.randn(5, 3, 4, 4) * 3 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = reference(xa), ours(xb)
+        assert torch.allclose(ya, yb, atol=1e-5)
+        upstream = torch.randn_like(ya)
+        (ya * upstream).sum().backward()
+        (yb * upstream).sum().backward()
+        assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+        assert torch.allclose(reference.weight.grad, ours.weight.grad, atol=1e-5)
+        for name in ('running_mean', 'running_var'):
+            assert torch.allclose(getattr(reference, name), getattr(ours, name), atol=1e-6), name
+        ours.eval(), reference.eval()
+        assert torch.allclose(reference(x), ours(x), atol=1e-5)
+    finally:
+        dist.destroy_process_group()

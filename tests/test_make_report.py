@@ -97,3 +97,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, two_runs, capsys):
     with pytest.raises(SystemExit):
         make_report.main(two_runs + [two_runs[0]])
     assert 'two vae runs given' in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_summary_is_refused(tmp_path, capsys):
+    (tmp_path / 'summary.json').write_text('{"model": "vae"}')
+    with pytest.raises(SystemExit) as exc:
+        make_report.main([str(tmp_path), '--out', str(tmp_path / 'r.pdf')])
+    assert exc.value.code == 2 and 'is not a run summary' in capsys.readouterr().err
+    (tmp_path / 'summary.json').write_text('{"model": ')
+    with pytest.raises(SystemExit):
+        make_report.main([str(tmp_path), '--out', str(tmp_path / 'r.pdf')])
+    assert 'is unreadable' in capsys.readouterr().err

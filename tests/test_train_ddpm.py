@@ -204,7 +204,8 @@ def test_ctrl_c_checkpoints_the_step_and_resume_equals_the_uninterrupted_run(dat
             '--checkpoint-every', '1', '--ema-decay', '0.9']
     code, err = stop_resume_compare('train_ddpm.py', args, tmp_path, epoch=1, signum=signal.SIGINT)
     lines = [line for line in err.splitlines() if line.startswith('error:')]
-    assert code == 130 and len(lines) == 1 and 'interrupted in epoch 1 after step' in lines[0] and '--resume' in lines[0]
+    assert code == 130 and len(lines) == 1
+    assert 'interrupted in epoch 1 after step' in lines[0] and '--resume' in lines[0]
 
 
 def test_inception_fid_without_its_weights_fails_before_training(data_dir, tmp_path, monkeypatch):
