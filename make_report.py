@@ -1,6 +1,6 @@
 """Build the study's report.pdf from finished run folders: every figure, metric table and written answer.
 
-    python make_report.py plots/vae plots/ddpm plots/ddpm-probe plots/simsiam --out plots/report.pdf
+    python make_report.py plots/vae plots/ddpm plots/ddpm-compare plots/ddpm-probe plots/simsiam --out plots/report.pdf
 
 Reads only each run folder's summary.json (SPEC.md, "The run folder") and the written answers in
 report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a

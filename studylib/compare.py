@@ -46,14 +46,16 @@ def compare(run_dirs, out_dir, command):
               ('digit_fd', 'digit Frechet distance to test images\n(lower is better)')]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (key, label) in zip(axes, panels):
-        ax.plot(ts, [m[key] for m in runs], marker='o')
+        values = [m[key] for m in runs]
+        ax.plot(ts, values, marker='o')
         ax.set_xlabel('diffusion steps T')
         ax.set_ylabel(label)
         ax.set_xticks(ts)
+        ax.set_ylim(0, 1.2 * max(values))  # from zero: a few per cent of timing noise is not a trend
         ax.grid(alpha=0.3)
     axes[2].axhline(runs[0]['reference_digit_fd'], color='grey', ls='--',
-                    label=f'{runs[0]["sample_batch"]} training images')
-    axes[2].legend(fontsize=8)
+                    label=f'calibration: {runs[0]["sample_batch"]} training images')
+    axes[2].legend(fontsize=8, loc='center right')
     devices = sorted({m['device'] for m in runs})
     fig.suptitle(f'DDPM trade-off against T ({", ".join(devices)}; epochs: '
                  f'{", ".join(str(m["epochs"]) for m in runs)}; sampling batch: '

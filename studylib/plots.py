@@ -37,8 +37,9 @@ def save_image_grid(images, path, title, nrow=8, row_labels=None, scale=0.45):
     plt = pyplot()
     rows = math.ceil(len(images) / nrow)
     width = max(5.0, nrow * scale + (0.08 * max(map(len, row_labels)) + 0.3 if row_labels else 0))
-    title = textwrap.fill(title, width=int(width * 11))  # ~11 characters per inch at 10 pt
-    fig, ax = plt.subplots(figsize=(width, rows * scale + 0.6 + 0.2 * title.count('\n')))
+    # ~11 characters per inch at 10 pt; each given line is wrapped on its own so that its breaks survive
+    title = '\n'.join(textwrap.fill(line, width=int(width * 11)) for line in title.split('\n'))
+    fig, ax = plt.subplots(figsize=(width, rows * scale + 0.45 + 0.19 * (title.count('\n') + 1)))
     ax.imshow(grid_array(images, nrow), interpolation='nearest')
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
@@ -52,7 +53,7 @@ def save_image_grid(images, path, title, nrow=8, row_labels=None, scale=0.45):
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches='tight', pad_inches=0.1)  # the box of the title and grid, not a guess
     plt.close(fig)
     return path
 
