@@ -10,11 +10,13 @@ an optional Python format spec, so the text never drifts from the runs. A run th
 """
 import argparse
 import html
+import io
 import json
 import os
 import re
 import sys
 import time
+import zlib
 
 from studylib import UserError
 from studylib.cli import HelpFormatter, user_errors
@@ -199,13 +201,23 @@ def markdown(text, styles):
 
 
 def image_flowable(path, max_width, max_height):
+    """A figure at its saved size (or smaller, to fit).
+
+    reportlab stores a PNG as deflated raw pixels, without PNG's row filters: image grids of real photographs then
+    take about 200 KB each. Those are embedded as JPEG (quality 90) when that is under half the lossless size;
+    line plots and noise grids, where JPEG would be larger or smear text, stay lossless."""
     from PIL import Image as PILImage
     from reportlab.platypus import Image
     with PILImage.open(path) as img:
-        w, h = img.size
+        rgb = img.convert('RGB')
+    w, h = rgb.size
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, 'JPEG', quality=90)
+    source = jpeg if jpeg.tell() < len(zlib.compress(rgb.tobytes())) / 2 else path
+    jpeg.seek(0)
     w_pt, h_pt = w * 72 / 110, h * 72 / 110      # the figures are saved at 110 dpi
     scale = min(1.0, max_width / w_pt, max_height / h_pt)
-    return Image(path, width=w_pt * scale, height=h_pt * scale)
+    return Image(source, width=w_pt * scale, height=h_pt * scale)
 
 
 def provenance_text(path, summary):
@@ -308,9 +320,11 @@ def _table(rows, styles, frame_width, fractions=None):
 
 def build(runs, answers_text, out_path):
     """Write the PDF; returns the number of pages."""
+    from reportlab import rl_config
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
     from reportlab.platypus import KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer
+    rl_config.useA85 = 0   # binary image streams: ASCII85 text encoding would add a quarter to every figure
     fonts()
     styles = make_styles()
     answers, references = parse_answers(answers_text)

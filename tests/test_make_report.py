@@ -1,10 +1,12 @@
 """make_report.py: placeholders filled from summary.json, missing runs marked, a PDF with every question id."""
+import io
 import json
 import os
 import re
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import make_report
 from conftest import ROOT
@@ -66,6 +68,31 @@ def test_report_has_a_page_per_part_and_every_question_id(two_runs, tmp_path):
     for qid in make_report.QUESTION_IDS:
         assert sum(t.startswith(qid + ' ') or t == qid for t in titles) == 1, qid
     assert not (tmp_path / 'out' / 'report.pdf.tmp').exists()
+    assert b'ASCII85Decode' not in data   # binary streams: ASCII85 would add a quarter to every figure
+
+
+def test_photographs_are_embedded_as_jpeg_and_plots_stay_lossless(tmp_path):
+    """A grid of smooth photographs costs ~4x less as JPEG than as reportlab's deflated pixels, and must come back
+    close to the original; a line plot must stay the PNG file itself (JPEG would be larger and smear its text)."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(60, 55, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((440, 484), Image.BILINEAR)   # smooth, full-colour, like image grids
+    photo.save(tmp_path / 'grid.png')
+    plot = Image.new('RGB', (660, 400), 'white')
+    ImageDraw.Draw(plot).line([(40, 360), (300, 100), (620, 60)], fill=(31, 119, 180), width=3)
+    plot.save(tmp_path / 'plot.png')
+
+    (tmp_path / 'summary.json').write_text(json.dumps({
+        'model': 'vae', 'figures': {'1.3a': ['plot.png'], '1.3b': ['grid.png']}, 'metrics': {}}))
+    out = tmp_path / 'report.pdf'
+    make_report.main([str(tmp_path), '--out', str(out)])
+    data = out.read_bytes()
+    assert len(re.findall(rb'/Subtype\s*/Image', data)) == 2 and data.count(b'/DCTDecode') == 1
+    jpegs = re.findall(rb'\xff\xd8\xff.*?\xff\xd9', data, flags=re.S)   # SOI ... EOI: the one JPEG stream
+    assert len(jpegs) == 1
+    decoded = np.asarray(Image.open(io.BytesIO(jpegs[0])).convert('RGB'), dtype=float)
+    assert decoded.shape == (484, 440, 3)
+    assert np.abs(decoded - np.asarray(photo, dtype=float)).mean() < 3.0   # of 255 levels
 
 
 def test_every_question_has_a_written_answer_with_known_placeholders():
