@@ -44,16 +44,18 @@ def compare(run_dirs, out_dir, command):
     panels = [('seconds_per_epoch_mean', 'training time per epoch (s)'),
               ('sample_seconds', 'seconds to sample one batch'),
               ('digit_fd', 'digit Frechet distance to test images\n(lower is better)')]
+    reference = runs[0]['reference_digit_fd']
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (key, label) in zip(axes, panels):
         values = [m[key] for m in runs]
         ax.plot(ts, values, marker='o')
+        top = max(values + ([reference] if key == 'digit_fd' else []))   # the calibration line must stay in view
         ax.set_xlabel('diffusion steps T')
         ax.set_ylabel(label)
         ax.set_xticks(ts)
-        ax.set_ylim(0, 1.2 * max(values))  # from zero: a few per cent of timing noise is not a trend
+        ax.set_ylim(0, 1.2 * top)  # from zero: a few per cent of timing noise is not a trend
         ax.grid(alpha=0.3)
-    axes[2].axhline(runs[0]['reference_digit_fd'], color='grey', ls='--',
+    axes[2].axhline(reference, color='grey', ls='--',
                     label=f'calibration: {runs[0]["sample_batch"]} training images')
     axes[2].legend(fontsize=8, loc='center right')
     devices = sorted({m['device'] for m in runs})
