@@ -28,8 +28,19 @@ class TwoCropsTransform:
 
 
 def _map_location(gpu):
-    # CPU when no GPU index is given, so a checkpoint written on a GPU box also loads on a CPU-only machine.
-    return 'cpu' if gpu is None else f'cuda:{gpu}'
+    """Where load_checkpoints puts the tensors. The template builds 'cuda:{gpu}', which only works for an int; the
+    notebook passes its `device` (a torch.device or a string), so every form is accepted:
+    None -> the CPU (a checkpoint written on a GPU box also loads on a CPU-only machine); an int or a digit string
+    -> that GPU; any other string or a torch.device -> that device ('cpu', 'cuda', 'cuda:1')."""
+    if gpu is None:
+        return torch.device('cpu')
+    if isinstance(gpu, bool):
+        raise TypeError(f'gpu must be None, an int, a device string or a torch.device, got {gpu!r}')
+    if isinstance(gpu, int) or (isinstance(gpu, str) and gpu.isdigit()):
+        return torch.device('cuda', int(gpu))
+    if isinstance(gpu, (str, torch.device)):
+        return torch.device(gpu)
+    raise TypeError(f'gpu must be None, an int, a device string or a torch.device, got {gpu!r}')
 
 
 def _match_module_prefix(state_dict, model):
@@ -46,7 +57,8 @@ def load_checkpoints(resume, model, optimizer, gpu):
 
     Restores the model's and the optimizer's state in place (strict: the architecture must match) and returns the
     saved 'epoch' as start_epoch. When `resume` is not a file, prints "=> no checkpoint found at '...'" and returns
-    the inputs unchanged with start_epoch 0 (a fresh start). gpu: None loads onto the CPU, an int onto cuda:gpu.
+    the inputs unchanged with start_epoch 0 (a fresh start). gpu: where the tensors are loaded (see _map_location:
+    None, an int, a string or a torch.device).
     Loads with weights_only=True: tensors and plain containers only, no arbitrary pickled objects.
     """
     if not os.path.isfile(resume):
@@ -65,7 +77,8 @@ def load_checkpoints(resume, model, optimizer, gpu):
 
 
 def load_pretrained_checkpoints(pretrained, model, optimizer, gpu):
-    """Initialise `model` from the encoder of a pre-trained SimSiam checkpoint: -> (model, optimizer).
+    """Initialise `model` from the encoder of a pre-trained SimSiam checkpoint: -> (model, optimizer, 0), the
+    template's return (the notebook's linear-evaluation cell unpacks `model, optimizer, start_epoch`).
 
     The source is checkpoint['state_dict'] (or the file's dict itself when it has no 'state_dict' key), 'module.'
     prefixes removed. Its entries named 'encoder.*' are the SimSiam encoder (backbone + projector); the
@@ -75,14 +88,16 @@ def load_pretrained_checkpoints(pretrained, model, optimizer, gpu):
     when the source has no 'encoder.*' entries it is taken as a bare backbone state dict. Only entries whose name
     AND shape match the target are copied (strict=False), so a differently sized classifier head `fc.*` is simply
     left as initialised; the count of copied and skipped tensors is printed. The optimizer is returned untouched
-    (pre-training's optimizer state does not belong to a new optimisation).
+    (pre-training's optimizer state does not belong to a new optimisation), and the start epoch is 0. As in the
+    template the file is read onto the CPU whatever `gpu` is (load_state_dict copies onto the model's device);
+    `gpu` is accepted for the template's signature.
     Raises FileNotFoundError when the file is missing (a silent fall-back to random weights would make a linear
     evaluation meaningless) and ValueError when nothing matches.
     """
     if not os.path.isfile(pretrained):
         raise FileNotFoundError(f"=> no pre-trained checkpoint found at '{pretrained}'")
     print(f"=> loading pre-trained checkpoint '{pretrained}'")
-    checkpoint = torch.load(pretrained, map_location=_map_location(gpu), weights_only=True)
+    checkpoint = torch.load(pretrained, map_location='cpu', weights_only=True)
     source = checkpoint.get('state_dict', checkpoint)
     if source and all(k.startswith('module.') for k in source):
         source = {k[len('module.'):]: v for k, v in source.items()}
@@ -100,4 +115,4 @@ def load_pretrained_checkpoints(pretrained, model, optimizer, gpu):
     skipped = sorted(set(own) - set(usable))
     print(f"=> loaded {len(usable)}/{len(own)} tensors from '{pretrained}'"
           + (f"; kept as initialised: {skipped}" if skipped else ''))
-    return model, optimizer
+    return model, optimizer, 0

@@ -158,25 +158,25 @@ class SimSiam(nn.Module):
 
 
 @torch.no_grad()
-def knn_predict(features, feature_bank, feature_labels, classes, knn_k=200, knn_t=0.1):
+def knn_predict(feature, feature_bank, feature_labels, classes, knn_k=200, knn_t=0.1):
     """Weighted kNN classifier (Wu et al., 2018, "Unsupervised Feature Learning via Non-Parametric Instance
-    Discrimination", Sec. 3.4), the monitor of the SimSiam CIFAR demos.
+    Discrimination", Sec. 3.4), the monitor of the SimSiam CIFAR demos, with the course notebook's contract.
 
-    features: (B, D) query features, feature_bank: (N, D) reference features (one row per training image), both
-        ALREADY L2-normalised along D (this function does not normalise, so dot products are cosine similarities).
-    feature_labels: (N,) integer labels of the bank rows in [0, classes).
-    Each query takes its k = min(knn_k, N) most similar bank rows; neighbour i votes for its class with weight
+    feature: (B, D) query features; feature_bank: (D, N), one COLUMN per training image (the notebook's layout);
+        both ALREADY L2-normalised along D (nothing is normalised here, so products are cosine similarities).
+    feature_labels: (N,) integer labels of the bank columns in [0, classes).
+    Each query takes its k = min(knn_k, N) most similar bank columns; neighbour i votes for its class with weight
     exp(s_i / knn_t), s_i its cosine similarity (small knn_t: the nearest neighbours dominate).
     Returns (B, classes) long: the class indices sorted by total vote, best first (column 0 is the top-1
-    prediction). Equal scores keep the smaller class index first (stable sort). Which of several bank rows with
+    prediction). Equal scores keep the smaller class index first (stable sort). Which of several bank columns with
     exactly the same similarity is kept at the k-th place is unspecified (torch.topk).
     """
-    k = min(knn_k, feature_bank.shape[0])
-    sim = features @ feature_bank.t()                                      # (B, N)
+    k = min(knn_k, feature_bank.shape[1])
+    sim = feature @ feature_bank                                           # (B, N)
     sim_weight, sim_index = sim.topk(k=k, dim=-1)                          # (B, k)
-    sim_labels = feature_labels.to(features.device)[sim_index]            # (B, k)
+    sim_labels = feature_labels.to(feature.device)[sim_index]             # (B, k)
     sim_weight = (sim_weight / knn_t).exp()                                # (B, k)
-    one_hot = torch.zeros(sim_labels.shape + (classes,), device=features.device, dtype=sim_weight.dtype)
+    one_hot = torch.zeros(sim_labels.shape + (classes,), device=feature.device, dtype=sim_weight.dtype)
     one_hot.scatter_(dim=-1, index=sim_labels.long().unsqueeze(-1), value=1.0)   # (B, k, classes)
     scores = (one_hot * sim_weight.unsqueeze(-1)).sum(dim=1)               # (B, classes)
     return scores.sort(dim=-1, descending=True, stable=True).indices      # (B, classes)

@@ -143,7 +143,7 @@ def knn_accuracy(model, train_x, train_y, test_x, test_y, k, t, ranks=None):
     rank classifies its share of the test set: the work is split, the answer is the single-process one."""
     ranks = ranks or Ranks(device=train_x.device)
     share = (lambda x: x.tensor_split(ranks.world)[ranks.rank])
-    bank = gather_rows(F.normalize(embed(model.encoder, share(train_x)), dim=1), ranks)   # (N, dim)
+    bank = gather_rows(F.normalize(embed(model.encoder, share(train_x)), dim=1), ranks).t()   # (dim, N)
     feats = F.normalize(embed(model.encoder, share(test_x)), dim=1)                          # (M / world, dim)
     pred = torch.cat([q3_solution.knn_predict(feats[idx], bank, train_y, len(CIFAR_CLASSES), k, t)[:, 0]
                       for idx in batch_indices(len(feats), EVAL_BATCH, shuffle=False)])

@@ -19,6 +19,12 @@ from . import UserError
 
 CHECKPOINT = 'checkpoint.pt'
 CHECKPOINT_FORMAT = 'studylib-checkpoint-v1'
+# The architecture version of each model a checkpoint records, bumped when the same model config builds other
+# weights. ddpm 2: the template's U-Net, whose ResnetBlocks add the time embedding (version 1, before 2026-11-30,
+# scaled and shifted by it: other tensor shapes). A checkpoint without the field is version 1.
+MODEL_VERSIONS = {'vae': 1, 'ddpm': 2, 'simsiam': 1}
+OLD_MODEL_HELP = {'ddpm': ('its U-Net conditions on time by scale/shift, while the course template (and this code) '
+                           'adds the time embedding')}
 
 
 def git_commit():
@@ -203,6 +209,7 @@ def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, 
     state = {
         'format': CHECKPOINT_FORMAT,
         'model_name': model_name,
+        'model_version': MODEL_VERSIONS.get(model_name, 1),
         'model_config': model_config,
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -225,6 +232,14 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         raise UserError(f'{path} is not a checkpoint of this project (no {CHECKPOINT_FORMAT} marker); '
                         f'it was left untouched')
+    name, version = ckpt.get('model_name'), ckpt.get('model_version', 1)
+    expected = MODEL_VERSIONS.get(name, 1)
+    if version != expected:
+        why = OLD_MODEL_HELP.get(name, 'its architecture is not the one this code builds') if version < expected \
+            else 'it was written by newer code'
+        raise UserError(f'{path} holds a {name} checkpoint of model version {version}, this code builds version '
+                        f'{expected} ({why}); it cannot be resumed or loaded: retrain in another --out-dir '
+                        f'(the file was left untouched)')
     return ckpt
 
 

@@ -342,13 +342,13 @@ def _unit(angles_deg):
 
 
 def test_knn_known_neighbours_and_random_data_match_brute_force():
-    """Queries next to a class cluster get that class first; on random data the full ranking equals the
+    """(The bank is passed as (D, N), the course notebook's layout: hence bank.t() below.) Queries next to a class cluster get that class first; on random data the full ranking equals the
     brute-force oracle. Catches a transposed bank, top-k of the smallest similarities, votes indexed by bank
     position instead of label, and a reversed ranking."""
     bank = _unit([-5, 0, 5, 85, 90, 95, 175, 180, 185])
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     queries = _unit([2, 88, 178, 130])
-    pred = Q.knn_predict(queries, bank, labels, classes=3, knn_k=3, knn_t=0.1)
+    pred = Q.knn_predict(queries, bank.t(), labels, classes=3, knn_k=3, knn_t=0.1)
     assert pred.shape == (4, 3) and pred.dtype == torch.long
     assert pred[:3, 0].tolist() == [0, 1, 2]
     assert torch.equal(pred, _knn_oracle(queries, bank, labels, 3, 3, 0.1))
@@ -358,7 +358,7 @@ def test_knn_known_neighbours_and_random_data_match_brute_force():
     feats = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (30,), generator=g)
     for k, t in [(7, 0.1), (1, 0.5), (30, 1.0)]:
-        assert torch.equal(Q.knn_predict(feats, bank, labels, 4, knn_k=k, knn_t=t),
+        assert torch.equal(Q.knn_predict(feats, bank.t(), labels, 4, knn_k=k, knn_t=t),
                            _knn_oracle(feats, bank, labels, 4, k, t))
 
 
@@ -373,9 +373,9 @@ def test_knn_ties_are_resolved_consistently():
     expected = torch.tensor([[1, 2, 0]])
     assert torch.equal(_knn_oracle(q, bank, labels, 3, 2, 0.1), expected)
     for _ in range(3):
-        assert torch.equal(Q.knn_predict(q, bank, labels, 3, knn_k=2, knn_t=0.1), expected)
+        assert torch.equal(Q.knn_predict(q, bank.t(), labels, 3, knn_k=2, knn_t=0.1), expected)
     batch = torch.cat([_unit([100]), q, q])
-    assert torch.equal(Q.knn_predict(batch, bank, labels, 3, knn_k=2, knn_t=0.1)[1:], expected.repeat(2, 1))
+    assert torch.equal(Q.knn_predict(batch, bank.t(), labels, 3, knn_k=2, knn_t=0.1)[1:], expected.repeat(2, 1))
 
 
 def test_knn_weights_are_exp_similarity_over_temperature():
@@ -388,8 +388,8 @@ def test_knn_weights_are_exp_similarity_over_temperature():
     bank = torch.tensor([[s_far, math.sqrt(1 - s_far ** 2)], [s_far, -math.sqrt(1 - s_far ** 2)],
                          [s_near, math.sqrt(1 - s_near ** 2)], [-1.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 2])
-    cold = Q.knn_predict(q, bank, labels, 3, knn_k=3, knn_t=0.1)
-    hot = Q.knn_predict(q, bank, labels, 3, knn_k=3, knn_t=10.0)
+    cold = Q.knn_predict(q, bank.t(), labels, 3, knn_k=3, knn_t=0.1)
+    hot = Q.knn_predict(q, bank.t(), labels, 3, knn_k=3, knn_t=10.0)
     assert cold[0].tolist() == [1, 0, 2] and hot[0].tolist() == [0, 1, 2]
     assert torch.equal(cold, _knn_oracle(q, bank, labels, 3, 3, 0.1))
     assert torch.equal(hot, _knn_oracle(q, bank, labels, 3, 3, 10.0))
@@ -400,7 +400,7 @@ def test_knn_k_larger_than_the_bank():
     bank = _unit([0, 60, 120, 180])
     labels = torch.tensor([0, 1, 1, 0])
     q = _unit([10, 100])
-    pred = Q.knn_predict(q, bank, labels, classes=2)
+    pred = Q.knn_predict(q, bank.t(), labels, classes=2)
     assert torch.equal(pred, _knn_oracle(q, bank, labels, 2, 4, 0.1))
 
 
@@ -527,8 +527,8 @@ def test_load_pretrained_checkpoints_loads_the_encoder_only(tmp_path):
     dst = _simsiam(seed=1)
     opt = torch.optim.SGD(dst.parameters(), lr=0.1)
     pred_before = {k: v.clone() for k, v in dst.predictor.state_dict().items()}
-    got, got_opt = M.load_pretrained_checkpoints(str(path), dst, opt, None)
-    assert got is dst and got_opt is opt
+    got, got_opt, start_epoch = M.load_pretrained_checkpoints(str(path), dst, opt, None)
+    assert got is dst and got_opt is opt and start_epoch == 0
     for k, v in src.encoder.state_dict().items():
         assert torch.equal(dst.encoder.state_dict()[k], v), k
     for k, v in pred_before.items():
