@@ -295,7 +295,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
                 ema.update_parameters(model)
             epoch_loop.record(loss, loss.detach().view(1) * len(idx))
         loss_sum, seconds = epoch_loop.finish()
-        train_loss = float(loss_sum) / len(train_x)   # read once per epoch: no host sync per step
+        train_loss = float(loss_sum) / epoch_loop.images   # read once per epoch: no host sync per step
         mid = None
         if not ranks.is_main:   # rank 0 alone samples, writes the log, the figures and the checkpoint
             continue

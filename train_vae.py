@@ -232,7 +232,7 @@ def train(args, command='python train_vae.py', ranks=None):
             optimizer.step()
             epoch_loop.record(loss, torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()]))
         sums, seconds = epoch_loop.finish()
-        train_loss, train_nll, train_kl = (sums / len(train_x)).tolist()   # one host sync per epoch
+        train_loss, train_nll, train_kl = (sums / epoch_loop.images).tolist()   # one host sync per epoch
         mid = None
 
         test_nll, test_kl = evaluate_elbo(model, test_x)   # every rank: the RNG streams stay alike

@@ -108,7 +108,9 @@ def train_digit_net(train_x, train_y, test_x, test_y, epochs=EPOCHS, batch_size=
     global RNGs (a driver calling this keeps its own random stream)."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator alone: torch.manual_seed would also reseed every GPU, which fork_rng(devices=[]) does not
+        # restore (the net is built on the CPU, so its initial weights need no other generator)
+        torch.default_generator.manual_seed(seed)
         net = DigitNet()
     net.to(device)
     g = torch.Generator().manual_seed(seed)

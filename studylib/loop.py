@@ -12,7 +12,8 @@ model/optimizer in the driver's checkpoint; a run restarted with --resume rebuil
 the steps already done, so it ends with the weights of an uninterrupted run. An interrupt is acted on between two
 steps (the first signal sets a flag; a second one stops at once), so a checkpoint never holds a half-done step.
 
-Non-finite losses are tracked on the device (no host sync per step) and checked once per checkpoint and at the end
+Under torchrun a last partial batch with fewer images than processes is skipped (`images` counts what an epoch
+visits). Non-finite losses are tracked on the device (no host sync per step) and checked once per checkpoint and at the end
 of the epoch: the run stops with the step named, before a non-finite state is saved, unless allow_nan.
 """
 import signal
@@ -82,6 +83,11 @@ class EpochLoop:
             self.sums, self.elapsed = torch.zeros(num_sums, device=device), 0.0
         stop = n - n % batch_size if drop_last else n
         self.starts = list(range(0, stop, batch_size))
+        if self.ranks.world > 1 and self.starts and stop - self.starts[-1] < self.ranks.world:
+            # a last global batch of fewer images than processes leaves some rank with none, and no model trains
+            # on an empty batch (batch norm, reshapes): under torchrun those few images sit this epoch out
+            stop = self.starts.pop()
+        self.images = stop   # the images this epoch visits: the denominator of per-image means
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.step = self.start
 

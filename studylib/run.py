@@ -57,30 +57,45 @@ def device_description(device):
 
 
 def seed_everything(seed):
+    """Seed every generator. STUDYLIB_DETERMINISTIC=1 (the GPU check's resume test) also switches on torch's
+    deterministic algorithms (warn_only: an op without a deterministic version warns instead of failing) and
+    deterministic cuDNN; CUDA matmuls then need CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+    if os.environ.get('STUDYLIB_DETERMINISTIC') == '1':
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def rng_state():
-    """Every global RNG state, in types torch.load(weights_only=True) accepts."""
+    """Every global RNG state, in types torch.load(weights_only=True) accepts.
+
+    'cuda' holds ONE state: the generator of this process's current GPU (empty without CUDA). Under torchrun every
+    rank draws the same random numbers (each step's draws are made for the global batch, studylib.dist), so the
+    writing rank's state is every rank's; saving every visible GPU's state instead would hand rank r the state of
+    a GPU that rank 0 never drew on."""
     np_state = np.random.get_state()
     return {
         'python': random.getstate(),
         'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'cuda': [torch.cuda.get_rng_state(torch.cuda.current_device())] if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state):
+    """Restore rng_state()'s states; the CUDA one goes to this process's current GPU, whichever rank it is and
+    however many GPUs are visible (a checkpoint of older code, which listed every visible GPU, gives its first:
+    the GPU its writer drew on)."""
     random.setstate(_as_tuples(state['python']))
     kind, keys, pos, has_gauss, gauss = state['numpy']
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state(state['cuda'][0], torch.cuda.current_device())
 
 
 def _as_tuples(x):
@@ -248,11 +263,24 @@ def restore(ckpt, model, optimizer=None):
     try:
         model.load_state_dict(ckpt['model'])
         if optimizer is not None:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            load_optimizer_state(optimizer, ckpt['optimizer'])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f'checkpoint weights do not fit the model ({str(exc).splitlines()[0]}); '
                         f'it was left untouched') from exc
     set_rng_state(ckpt['rng'])
+
+
+# Implementation choices, not state: load_state_dict copies them from the checkpoint's param groups, so a run
+# started on the CPU (foreach) and resumed on a GPU would lose its fused kernels, or the other way round fail.
+KERNEL_OPTIONS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict, keeping this optimizer's kernel options (KERNEL_OPTIONS) as constructed."""
+    chosen = [{k: g[k] for k in KERNEL_OPTIONS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, chosen):
+        group.update(options)
 
 
 def load_trained(run_dir, model_name, flag):

@@ -1,8 +1,16 @@
 """What makes a training step fast without changing what it computes: bf16 autocast, channels_last, fused or
-foreach optimiser kernels and torch.compile, chosen once from the common flags (--amp, --compile)."""
+foreach optimiser kernels and torch.compile, chosen once from the common flags (--amp, --compile).
+
+channels_last and fused kernels are CUDA's choices. STUDYLIB_SPEED_PATHS=all (for tests) takes them on the CPU
+too, so that a CPU-only test suite runs every line a GPU user's defaults run, apart from the CUDA kernels."""
 import contextlib
+import os
 
 import torch
+
+
+def _gpu_paths(device):
+    return device.type == 'cuda' or os.environ.get('STUDYLIB_SPEED_PATHS') == 'all'
 
 
 def use_amp(args, device):
@@ -24,7 +32,7 @@ def prepare_model(model, device, compile_model=False, wrap=None):
     """channels_last on CUDA (tensor-core convolutions want NHWC), then `wrap` (DistributedDataParallel under
     torchrun), then torch.compile when asked. Returns the module to call in the training step; `model` itself keeps
     the weights, so checkpoints and EMA see plain names."""
-    if device.type == 'cuda':
+    if _gpu_paths(device):
         model = model.to(memory_format=torch.channels_last)
     if wrap is not None:
         model = wrap(model)
@@ -33,10 +41,10 @@ def prepare_model(model, device, compile_model=False, wrap=None):
 
 def optimizer_kwargs(device):
     """fused=True (one kernel for the whole update) on CUDA; the default foreach path elsewhere."""
-    return {'fused': True} if device.type == 'cuda' else {}
+    return {'fused': True} if _gpu_paths(device) else {}
 
 
 def to_device_batch(x, device):
     """A batch onto the training device in the layout the model was prepared for."""
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' and x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if _gpu_paths(device) and x.dim() == 4 else x

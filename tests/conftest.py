@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -10,6 +11,35 @@ if ROOT not in sys.path:
 
 # The suite runs on 2-core CI machines; oversubscribing threads only slows every test down.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, on a machine without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device (scripts/gpu_check.py runs these on a GPU box)')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """float32 convolutions and matmuls in full float32 on the GPU: cuDNN may otherwise run them in TF32 (10-bit
+    mantissa, ~5e-4 relative), which a CPU-vs-GPU comparison at 1e-4 cannot absorb once a sampler amplifies it.
+    The previous settings are restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def no_tf32():
+    with tf32_off():
+        yield
 
 
 @pytest.fixture(scope='session')

@@ -178,8 +178,8 @@ def test_reproducible_under_a_seed():
     assert torch.equal(c, aug.apply(images, params))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-def test_cuda_matches_cpu_under_the_same_seed():
+@pytest.mark.cuda
+def test_cuda_matches_cpu_under_the_same_seed(no_tf32):
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     aug = SimSiamAugment()
     cpu = aug(images, torch.Generator().manual_seed(0))

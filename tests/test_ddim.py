@@ -503,10 +503,10 @@ def test_ddim_sample_output_and_model_calls_cpu():
     assert len(D.DiffusionSchedule(1000).ddim_sample(model, shape)) == 2        # default 50 steps runs
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-def test_ddim_sample_on_cuda_matches_cpu():
+@pytest.mark.cuda
+def test_ddim_sample_on_cuda_matches_cpu(no_tf32):
     """On a GPU: the schedule moved with .to('cuda') and a CUDA model give a CUDA float32 (B, C, H, W) output
-    that equals the CPU result from the same x_T (eta = 0) to float32 rounding."""
+    that equals the CPU result from the same x_T (eta = 0) to float32 rounding (TF32 off: no_tf32)."""
     torch.manual_seed(10)
     model = RecordingConv(3)
     sched = D.DiffusionSchedule(1000)
