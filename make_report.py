@@ -7,11 +7,15 @@ report/answers.md. An answer cites measured numbers through placeholders, {{RUN.
 summary's "model" (vae, ddpm, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its "metrics" and FORMAT is
 an optional Python format spec, so the text never drifts from the runs. A run that was not given shows as
 "not run yet: <command>" wherever it is needed; the report is still built.
+
+Every user error is one line (exit status 2) before the slow work: an --out that cannot be written (empty, a folder,
+below a file, a forbidden or read-only place, an existing file that is not a PDF), a summary.json that is not a
+run summary (naming the file and the key), a figure that a summary lists but that is missing, truncated or not an
+image. The PDF is written through a temp file and os.replace: a failure leaves the previous report intact.
 """
 import argparse
 import html
 import io
-import json
 import os
 import re
 import sys
@@ -20,6 +24,7 @@ import zlib
 
 from studylib import UserError
 from studylib.cli import HelpFormatter, user_errors
+from studylib.compare import load_run_summary
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ANSWERS = os.path.join(ROOT, 'report', 'answers.md')
@@ -58,17 +63,7 @@ def read_runs(run_dirs):
     """{model: (run folder, summary)}; of several DDPM runs the T=1000 one (the seed's) answers 2.2."""
     runs = {}
     for path in run_dirs:
-        summary_path = os.path.join(path, 'summary.json')
-        if not os.path.exists(summary_path):
-            raise UserError(f'{path} has no summary.json: pass finished run folders (train_*.py, studylib.compare, '
-                            f'studylib.probe)')
-        try:
-            with open(summary_path) as f:
-                summary = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise UserError(f'{summary_path} is unreadable ({type(exc).__name__}: {exc})') from exc
-        if not isinstance(summary, dict) or not {'model', 'figures', 'metrics'} <= summary.keys():
-            raise UserError(f'{summary_path} is not a run summary (it needs "model", "figures" and "metrics")')
+        summary = load_run_summary(path, 'pass finished run folders (train_*.py, studylib.compare, studylib.probe)')
         key = summary['model']
         if key in runs:
             if key != 'ddpm':
@@ -77,6 +72,92 @@ def read_runs(run_dirs):
                 continue
         runs[key] = (path, summary)
     return runs
+
+
+def check_out(path):
+    """--out must name a PDF file that can be written: checked (its folder made) before any run is read, so that a
+    typo costs no build. An existing file is replaced only when it is a PDF (or empty): never a summary or a
+    figure given by mistake."""
+    if not path or not path.strip():
+        raise UserError('--out is empty: name the PDF to write, e.g. --out report.pdf')
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise UserError(f'--out {path} is a folder: name the PDF file to write, e.g. '
+                        f'--out {os.path.join(path, "report.pdf")}')
+    folder = os.path.dirname(os.path.abspath(path))
+    ancestor = folder
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f'--out {path} lies below {ancestor}, which is a file, not a folder: choose another --out')
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        try:
+            with open(path, 'rb') as f:
+                is_pdf = f.read(5) == b'%PDF-'
+        except OSError as exc:
+            raise UserError(f'--out {path} cannot be read ({exc.strerror or exc}): choose another --out') from exc
+        if not is_pdf:
+            raise UserError(f'--out {path} exists and is not a PDF: it would be replaced; choose another --out '
+                            f'(or delete that file)')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f'.{os.path.basename(path)}.write-test-{os.getpid()}')
+        with open(probe, 'wb') as f:
+            f.write(b'ok')
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f'--out {path} cannot be written ({exc.strerror or exc}): choose another --out, or fix '
+                        f'the permissions of {folder} or free space') from exc
+
+
+def embedded_figures(runs):
+    """(question id, run folder, file name) of every figure the report embeds."""
+    for qid in QUESTION_IDS:
+        source = FIGURE_SOURCE.get(qid)
+        if source in runs:
+            path, summary = runs[source]
+            for name in summary['figures'].get(qid, []):
+                yield qid, path, name
+
+
+def check_figures(runs):
+    """Every figure the report embeds exists and decodes to its end (a PNG cut short by a full disk or a killed
+    copy, or another file under a .png name, would otherwise fail deep inside the PDF build)."""
+    from PIL import Image as PILImage
+    for qid, path, name in embedded_figures(runs):
+        file = os.path.join(path, name)
+        listed = f'listed for {qid} in {os.path.join(path, "summary.json")}'
+        if not os.path.isfile(file):
+            raise UserError(f'figure {file} ({listed}) is missing: restore it, or rerun the run that made it')
+        try:
+            with PILImage.open(file) as img:
+                img.verify()          # every chunk's checksum, up to the end marker
+            with PILImage.open(file) as img:
+                img.load()            # and every pixel
+        except Exception as exc:   # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f'figure {file} ({listed}) is truncated or not a PNG image ({why}): rerun the run that '
+                            f'made it, or restore the file') from exc
+
+
+def write_atomically(path, data):
+    """The PDF to `path` through a temp file beside it and os.replace: a full disk, a read-only file system or a
+    Ctrl-C leaves the previous report as it was and no temp file behind."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise UserError(f'could not write --out {path} ({exc.strerror or exc}): the previous report (if any) '
+                            f'is kept; free space or choose another --out') from exc
+        raise
 
 
 def parse_answers(text):
@@ -228,7 +309,7 @@ def provenance_text(path, summary):
     if run.get('device_name') or summary['metrics'].get('device'):
         parts.append(f'device: {run.get("device_name") or summary["metrics"].get("device")}')
     if run.get('git_commit'):
-        parts.append(f'code: {run["git_commit"][:12]}')
+        parts.append(f'code: {str(run["git_commit"])[:12]}')
     if run.get('started'):
         parts.append(f'started {run["started"]}')
     return '; '.join(parts)
@@ -319,7 +400,7 @@ def _table(rows, styles, frame_width, fractions=None):
 
 
 def build(runs, answers_text, out_path):
-    """Write the PDF; returns the number of pages."""
+    """Write the PDF (atomically: the previous one is kept if writing fails); returns the number of pages."""
     from reportlab import rl_config
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
@@ -398,12 +479,12 @@ def build(runs, answers_text, out_path):
         canvas.drawString(2 * cm, 1.2 * cm, 'VAE, DDPM and SimSiam study report')
         canvas.restoreState()
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + '.tmp'
-    doc = Doc(tmp, pagesize=A4, leftMargin=2 * cm, rightMargin=2 * cm, topMargin=1.8 * cm, bottomMargin=1.8 * cm,
+    pdf = io.BytesIO()   # built in memory, then written in one go: a failure never leaves half a report
+    doc = Doc(pdf, pagesize=A4, leftMargin=2 * cm, rightMargin=2 * cm, topMargin=1.8 * cm, bottomMargin=1.8 * cm,
               title='VAE, DDPM and SimSiam study report', author='make_report.py')
     doc.build(story, onFirstPage=footer, onLaterPages=footer)
-    os.replace(tmp, out_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    write_atomically(out_path, pdf.getvalue())
     return doc.page
 
 
@@ -415,12 +496,16 @@ def main(argv=None):
     parser.add_argument('--answers', default=DEFAULT_ANSWERS, help='the written answers (markdown with placeholders)')
     args = parser.parse_args(argv)
     with user_errors():
+        check_out(args.out)
         runs = read_runs(args.runs)
         try:
-            with open(args.answers) as f:
+            with open(args.answers, encoding='utf-8') as f:
                 answers = f.read()
-        except OSError as exc:
-            raise UserError(f'cannot read the answers {args.answers} ({exc.strerror})') from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else 'not UTF-8 text'
+            raise UserError(f'cannot read the answers {args.answers} ({why}): pass a markdown file with '
+                            f'--answers') from exc
+        check_figures(runs)
         pages = build(runs, answers, args.out)
         print(f'{args.out}: {pages} pages from {len(runs)} runs ({", ".join(runs) or "none"})')
         return pages

@@ -175,7 +175,9 @@ def knn_predict(feature, feature_bank, feature_labels, classes, knn_k=200, knn_t
     sim = feature @ feature_bank                                           # (B, N)
     sim_weight, sim_index = sim.topk(k=k, dim=-1)                          # (B, k)
     sim_labels = feature_labels.to(feature.device)[sim_index]             # (B, k)
-    sim_weight = (sim_weight / knn_t).exp()                                # (B, k)
+    # exp((s_i - s_max) / knn_t): the votes exp(s_i / knn_t) scaled per query by exp(-s_max / knn_t), the same
+    # ranking, without overflow to inf (and inf / inf = nan) for a small temperature
+    sim_weight = ((sim_weight - sim_weight[:, :1]) / knn_t).exp()          # (B, k), topk's first is the largest
     one_hot = torch.zeros(sim_labels.shape + (classes,), device=feature.device, dtype=sim_weight.dtype)
     one_hot.scatter_(dim=-1, index=sim_labels.long().unsqueeze(-1), value=1.0)   # (B, k, classes)
     scores = (one_hot * sim_weight.unsqueeze(-1)).sum(dim=1)               # (B, classes)

@@ -10,8 +10,8 @@ with --compare-vae). t* is the first t' whose restorations have lost half of the
 the mean PSNR of restored vs original falls below the midpoint between the PSNR at the smallest t' and the PSNR
 of unrelated image pairs (each test image against another one). Sample quality (studylib.digit_net): the Frechet
 distance of a small SVHN digit classifier's features between the final samples and the first test images, and its
-confidence, for the DDPM, the VAE and, to calibrate, as many training images; the classifier is trained once and
-cached in --data-dir (digit_net.pt).
+confidence, for the DDPM, the VAE and, to calibrate, as many training images; the classifier is trained (or loaded
+from its cache, studylib.digit_net.cache_dir()) before the DDPM trains, so that a problem with it shows at once.
 """
 import argparse
 import math
@@ -85,8 +85,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.ema_decay < 1:
         parser.error(f'--ema-decay must be in [0, 1), got {args.ema_decay}')
-    if args.sampler == 'ddim' and args.sample_steps > args.timesteps:
-        parser.error(f'--sample-steps {args.sample_steps} is more than T={args.timesteps}')
+    if args.timesteps < 2:
+        parser.error(f'--timesteps {args.timesteps}: a diffusion needs at least 2 steps')
+    if args.num_samples < 2:
+        parser.error(f'--num-samples {args.num_samples}: the Frechet distance of the quality measure needs at least '
+                     f'2 samples')
+    if args.sampler == 'ddim':
+        try:   # the sampler's own rule (2 <= steps <= T), checked now rather than after the first epoch
+            ddpm_solution.DiffusionSchedule(args.timesteps).ddim_timesteps(args.sample_steps)
+        except ValueError as exc:
+            parser.error(f'--sample-steps {args.sample_steps}: {exc}')
     if args.t_primes is None:
         args.t_primes = default_t_primes(args.timesteps)
     if args.t_primes[-1] >= args.timesteps:
@@ -230,6 +238,9 @@ def train(args, command='python train_ddpm.py', ranks=None):
         few = to_unit_range(test_x[:4])
         inception_fd(few[:2], few[2:])
 
+    # the quality measure's classifier now, not after hours of training: a corrupt cache fails in seconds
+    digit_net = load_or_train(args.data_dir, device, not args.no_download) if ranks.is_main else None
+
     model_config = dict(dim=ddpm_solution.image_size, channels=ddpm_solution.input_channels, dim_mults=[1, 2, 4, 8])
     diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
                             beta_end=ddpm_solution.beta_end)
@@ -297,21 +308,23 @@ def train(args, command='python train_ddpm.py', ranks=None):
         loss_sum, seconds = epoch_loop.finish()
         train_loss = float(loss_sum) / epoch_loop.images   # read once per epoch: no host sync per step
         mid = None
-        if not ranks.is_main:   # rank 0 alone samples, writes the log, the figures and the checkpoint
-            continue
-        row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
-        if epoch % args.sample_every == 0 or epoch == args.epochs:
-            samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                                   args.sampler, args.sample_steps)
-            row['sample_seconds'] = sample_seconds
-            figures['2.2b'].append(save_image_grid(
-                samples, run.file(f'2.2b_samples_epoch{epoch:03d}.png'),
-                f'Samples after epoch {epoch} ({sampler}, same seed every time'
-                + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
-        run.log_metrics(row)
-        tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
-                   + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
-        save(epoch)
+
+        with epoch_loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+            if not ranks.is_main:   # rank 0 alone samples, writes the log, the figures and the checkpoint
+                continue
+            row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
+            if epoch % args.sample_every == 0 or epoch == args.epochs:
+                samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
+                                                       args.sampler, args.sample_steps)
+                row['sample_seconds'] = sample_seconds
+                figures['2.2b'].append(save_image_grid(
+                    samples, run.file(f'2.2b_samples_epoch{epoch:03d}.png'),
+                    f'Samples after epoch {epoch} ({sampler}, same seed every time'
+                    + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
+            run.log_metrics(row)
+            tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
+                       + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
+            save(epoch)
 
     # ---- final figures and metrics (rank 0 alone)
     if not ranks.is_main:
@@ -335,7 +348,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
                                                          threshold, chance, epoch, args.timesteps)
 
     # ---- sample quality (studylib.digit_net): every set of N images is judged against the same test images
-    digit_net, digit_info = load_or_train(args.data_dir, device, not args.no_download)
+    digit_net, digit_info = digit_net
     reference = to_unit_range(test_x[:QUALITY_REFERENCE])
     quality = {'': digit_quality(digit_net, samples, reference),
                'reference_': digit_quality(digit_net, to_unit_range(train_x[:len(samples)]), reference)}

@@ -8,7 +8,6 @@ stem, no max-pool), batch 512, random-resized-crop scale (0.2, 1). `assignment` 
 torchvision's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). Both: SGD momentum 0.9, weight decay 5e-4,
 lr 0.03 * batch / 256 with cosine decay per epoch (the predictor's lr kept fixed), 100 epochs.
 """
-import json
 import math
 import os
 
@@ -24,7 +23,8 @@ from studylib.cli import make_parser, positive_float, positive_int, run_main
 from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment, torchvision_pipeline
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
 from studylib.plots import pyplot
-from studylib.run import RunDir, load_checkpoint, make_config, restore, seed_everything, time_metrics
+from studylib.run import (RunDir, load_checkpoint, lock_dir, make_config, prepare_out_dir, read_summary,
+                          refuse_finished, restore, seed_everything, time_metrics)
 from studylib.dist import Ranks, all_sum, barrier, check_batch, gather_rows, setup, sync_batchnorm, wrap
 from studylib.loop import EpochLoop, resume_point
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, to_device_batch, use_amp
@@ -89,6 +89,8 @@ def parse_args(argv=None):
         args.lr = 0.03 * args.batch_size / 256
     if args.workers < 0:
         parser.error('--workers must be >= 0')
+    if args.batch_size < 2:
+        parser.error(f'--batch-size {args.batch_size}: batch norm needs at least 2 images per batch')
     return args
 
 
@@ -196,16 +198,22 @@ def train_config(args, name, data, ranks, command):
     """Train one configuration in its own run folder (resuming it if asked); returns its final metrics."""
     train_x, train_y, test_x, test_y = data
     settings = variant_settings(args, name)
-    run = RunDir(os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir)
-    if args.resume and os.path.exists(run.file('summary.json')) and os.path.exists(run.checkpoint_path):
-        with open(run.file('summary.json')) as f:
-            metrics = json.load(f)['metrics']
-        if metrics['epochs'] >= args.epochs:   # finished: --resume of an experiment skips it
+    run = RunDir(config_dir(args, name))
+    summary = read_summary(run.path) if args.resume else None
+    if summary is not None:
+        if summary.get('model') != 'simsiam' or 'epochs' not in summary['metrics']:
+            raise UserError(f'--resume: {run.path} holds a {summary.get("model")} run, not a SimSiam '
+                            f'configuration; point --out-dir at a train_simsiam.py run')
+        if summary['metrics']['epochs'] >= args.epochs:   # finished (a committed summary is enough): skipped
             print(f'{name}: already finished in {run.path}')
-            return metrics
+            return summary['metrics']
+        if not os.path.exists(run.checkpoint_path):
+            raise UserError(f'--resume: {run.path} finished {summary["metrics"]["epochs"]} epochs and has no '
+                            f'checkpoint to train on to --epochs {args.epochs}; rerun it in another --out-dir')
     device = ranks.device
     config = make_config(args, 'simsiam', settings, device, command) | {'configuration': name}
-    resume = args.resume and os.path.exists(run.checkpoint_path)
+    # a configuration of an experiment not started yet starts fresh; a single run must have its checkpoint
+    resume = args.resume and (args.experiment == 'single' or os.path.exists(run.checkpoint_path))
     ckpt = run.start(config, resume) if ranks.is_main else None   # rank 0 alone writes the run folder
     barrier(ranks)
     if not ranks.is_main and resume:
@@ -279,14 +287,17 @@ def train_config(args, name, data, ranks, command):
         sums, seconds = epoch_loop.finish()
         train_loss, z_std = (sums / len(epoch_loop)).tolist()
         mid = None
-        knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t, ranks)
-        if not ranks.is_main:   # rank 0 alone writes the log and the checkpoint
-            continue
-        row = dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds)
-        run.log_metrics(row)
-        tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
-                   f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
-        save(epoch)
+
+        with epoch_loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+            knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t,
+                               ranks)
+            if not ranks.is_main:   # rank 0 alone writes the log and the checkpoint
+                continue
+            row = dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds)
+            run.log_metrics(row)
+            tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
+                       f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
+            save(epoch)
 
     if not ranks.is_main:
         return None
@@ -345,6 +356,39 @@ def save_question_figures(out, qid, title, names, logs, rate_line=None):
     return [curves, collapse]
 
 
+def config_dir(args, name):
+    return os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir
+
+
+def check_out_dir(args, names):
+    """Before training anything: a fresh start never replaces a finished run or configuration, and a resume
+    needs a SimSiam run there (not a missing folder, nor another model's run)."""
+    top = read_summary(args.out_dir) if os.path.isdir(args.out_dir) else None
+    if not args.resume:
+        refuse_finished(args.out_dir)
+        for name in names:
+            run = RunDir(config_dir(args, name))
+            refuse_finished(run.path)
+            if os.path.exists(run.checkpoint_path):
+                raise UserError(f'{run.path} already holds a run (checkpoint.pt); pass --resume to continue '
+                                f'it, or choose another --out-dir')
+        prepare_out_dir(args.out_dir)
+        lock_dir(args.out_dir)
+        return
+    if not os.path.isdir(args.out_dir):
+        raise UserError(f'--resume: there is no run at {args.out_dir}; start without --resume, or point --out-dir '
+                        f'at the run to continue')
+    if top is not None and top.get('model') != 'simsiam':
+        raise UserError(f'--resume: {args.out_dir} holds a {top.get("model")} run, not a SimSiam one; point '
+                        f'--out-dir at a train_simsiam.py run')
+    if args.experiment != 'single' and not os.path.exists(os.path.join(args.out_dir, 'config.json')) \
+            and not any(os.path.isdir(config_dir(args, n)) for n in names):
+        raise UserError(f'--resume: {args.out_dir} holds none of the configurations {names}; start without '
+                        f'--resume, or point --out-dir at the experiment to continue')
+    prepare_out_dir(args.out_dir)
+    lock_dir(args.out_dir)
+
+
 def train(args, command='python train_simsiam.py', ranks=None):
     ranks = ranks or setup(args.device)   # under torchrun every rank seeds alike: same global batches (studylib.dist)
     device = ranks.device
@@ -354,13 +398,12 @@ def train(args, command='python train_simsiam.py', ranks=None):
     if args.batch_size > len(train_x):
         raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
     check_batch(ranks, args.batch_size)
+    if args.batch_size // ranks.world < 2:
+        raise UserError(f'--batch-size {args.batch_size} gives each of the {ranks.world} processes fewer than 2 '
+                        f'images: batch norm needs at least 2')
     names = ['single'] if args.experiment == 'single' else EXPERIMENTS[args.experiment]
-    if not args.resume:   # refuse before training anything, not after the first configuration
-        for name in names:
-            path = RunDir(os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir)
-            if os.path.exists(path.checkpoint_path):
-                raise UserError(f'{path.path} already holds a run (checkpoint.pt); pass --resume to continue '
-                                f'it, or choose another --out-dir')
+    if ranks.is_main:
+        check_out_dir(args, names)
     print(f'SimSiam {args.experiment}: {names}; recipe {args.recipe}, batch {args.batch_size}, lr {args.lr:.4f}; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
     data = (train_x, train_y, test_x, test_y)

@@ -177,6 +177,7 @@ def train(args, command='python train_vae.py', ranks=None):
     check_batch(ranks, args.batch_size)
     if len(test_x) < 8:
         raise UserError(f'the figures need at least 8 test images, got {len(test_x)} (--limit-test)')
+    first_per_class(train_y, args.profile_per_class)   # 1.3e's images exist: checked now, not after training
 
     model_config = dict(in_channels=vae_solution.input_channels, encoder_features=32, decoder_features=32,
                         z_dim=args.z_dim, input_size=vae_solution.image_size)
@@ -235,19 +236,20 @@ def train(args, command='python train_vae.py', ranks=None):
         train_loss, train_nll, train_kl = (sums / epoch_loop.images).tolist()   # one host sync per epoch
         mid = None
 
-        test_nll, test_kl = evaluate_elbo(model, test_x)   # every rank: the RNG streams stay alike
-        if not ranks.is_main:   # rank 0 alone writes the log, the figures and the checkpoint
-            continue
-        row = dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
-                   test_nll=test_nll, test_kl=test_kl, test_neg_elbo=test_nll + test_kl, seconds=seconds)
-        run.log_metrics(row)
-        tqdm.write(f'epoch {epoch}: train loss {train_loss:.2f} (nll {train_nll:.2f}, kl {train_kl:.2f}), '
-                   f'test -ELBO {test_nll + test_kl:.2f}, {seconds:.1f} s')
-        if epoch % args.sample_every == 0 or epoch == args.epochs:
-            b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)   # draws no random numbers
-            figures['1.3b'].append(b)
-            figures['1.3c'].append(c)
-        save(epoch)
+        with epoch_loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+            test_nll, test_kl = evaluate_elbo(model, test_x)   # every rank: the RNG streams stay alike
+            if not ranks.is_main:   # rank 0 alone writes the log, the figures and the checkpoint
+                continue
+            row = dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
+                       test_nll=test_nll, test_kl=test_kl, test_neg_elbo=test_nll + test_kl, seconds=seconds)
+            run.log_metrics(row)
+            tqdm.write(f'epoch {epoch}: train loss {train_loss:.2f} (nll {train_nll:.2f}, kl {train_kl:.2f}), '
+                       f'test -ELBO {test_nll + test_kl:.2f}, {seconds:.1f} s')
+            if epoch % args.sample_every == 0 or epoch == args.epochs:
+                b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)   # draws no random numbers
+                figures['1.3b'].append(b)
+                figures['1.3c'].append(c)
+            save(epoch)
 
     # ---- final figures and metrics (rank 0 alone)
     if not ranks.is_main:

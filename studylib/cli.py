@@ -1,7 +1,10 @@
 """The command-line flags every driver shares (SPEC.md, "Drivers") and the one way drivers report user errors."""
 import argparse
 import contextlib
+import errno
+import math
 import shlex
+import signal
 import sys
 
 from . import UserError
@@ -23,8 +26,16 @@ def non_negative_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    if not (value > 0 and math.isfinite(value)):  # refuses nan and inf too
+        raise argparse.ArgumentTypeError(f'must be a positive finite number, got {text}')
+    return value
+
+
+def seed_int(text):
+    """numpy seeds 0 <= seed < 2**32: refused here rather than by a numpy traceback."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f'must be an integer from 0 to 2**32 - 1, got {text}')
     return value
 
 
@@ -49,7 +60,7 @@ def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
     common.add_argument('--epochs', type=positive_int, default=epochs, help='training epochs')
     common.add_argument('--batch-size', type=positive_int, default=batch_size, help='training batch size')
     common.add_argument('--lr', type=positive_float, default=lr, help='learning rate')
-    common.add_argument('--seed', type=int, default=seed, help='seed of every random number generator')
+    common.add_argument('--seed', type=seed_int, default=seed, help='seed of every random number generator')
     common.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                         help='where to train; auto = cuda when available')
     common.add_argument('--limit-train', type=positive_int, default=None, metavar='N',
@@ -71,14 +82,59 @@ def make_parser(description, *, out_dir, epochs, batch_size, lr, seed=0):
     return parser
 
 
+class Stopped(UserError):
+    """A signal outside the training loop (in end-of-epoch sampling, the final stage): exit 130 with one line."""
+    exit_code = 130
+
+
+# environment failures while writing: one line, like a user error (the message names the file)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR}
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turn a UserError into one line on stderr and exit status 2; let real bugs keep their traceback."""
+    """Turn a UserError (and a full disk, a read-only or forbidden path) into one line on stderr and exit status 2;
+    Ctrl-C and SIGTERM/SIGHUP outside the training loop into one line and status 130; real bugs keep their
+    traceback."""
     try:
         yield
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         sys.exit(getattr(exc, 'exit_code', 2))
+    except KeyboardInterrupt:
+        print('error: interrupted; the last checkpoint (if any) is kept: rerun the same command with --resume to '
+              'continue from it', file=sys.stderr)
+        sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f' {exc.filename}' if exc.filename else ''
+        print(f'error: could not write{where}: {exc.strerror}; free space, fix the permissions or choose another '
+              f'--out-dir, then rerun (with --resume when a checkpoint was saved)', file=sys.stderr)
+        sys.exit(2)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt   # the training loop installs its own handlers, which checkpoint first
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGHUP end the process the way Ctrl-C does (one line, exit 130) wherever it is outside the
+    training loop, instead of dying silently with 143 or leaving no line; the loop checkpoints on them."""
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, _stop)
+    except ValueError:   # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_main(script, parse_args, train, argv=None):
@@ -87,11 +143,13 @@ def run_main(script, parse_args, train, argv=None):
     `train(args, command, ranks)` gets the command line as the user typed it, for config.json, and the process's
     place under torchrun (studylib.dist.Ranks; one process without torchrun)."""
     from .dist import setup, teardown
+    from .run import release_locks
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    with user_errors():
+    with user_errors(), stop_on_signals():
         ranks = setup(args.device)   # one process, or this process's rank under torchrun
         try:
             return train(args, shlex.join(['python', script, *argv]), ranks)
         finally:
             teardown(ranks)
+            release_locks()

@@ -4,40 +4,136 @@
 
 Reads each run folder's summary.json and writes, into --out-dir, the figure 2.3a_tradeoff.png, the table
 2.3a_table.md and a summary.json with id 2.3a whose metrics hold one entry per T.
+
+Every problem with the inputs or the output folder is one line (exit status 2) before anything is written: a
+summary.json that is not one (naming the file and the key), an --out-dir that is one of the input runs, holds a
+finished run or a training run, cannot be written, or is in use by another process (it is locked while writing).
 """
 import argparse
 import json
+import math
 import os
+import shlex
 import sys
 
 from . import UserError
 from .cli import HelpFormatter, user_errors
 from .plots import pyplot
-from .run import RunDir, git_commit
+from .run import CHECKPOINT, RunDir, git_commit, lock_dir, prepare_out_dir, refuse_finished, release_locks
+
+# The metrics of a train_ddpm.py summary that the comparison reads, with the kind of value each must be.
+NEEDED_METRICS = {
+    'timesteps': 'count', 'epochs': 'count', 'sample_batch': 'count', 't_star': 'integer',
+    'seconds_per_epoch_mean': 'number', 'sample_seconds': 'number', 'digit_fd': 'number',
+    'digit_confidence': 'number', 'reference_digit_fd': 'number', 'reference_digit_confidence': 'number',
+    'device': 'text',
+}
+_KINDS = {
+    'count': ('a positive integer', lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    'integer': ('an integer', lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    'number': ('a finite number', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v)),
+    'text': ('a string', lambda v: isinstance(v, str)),
+}
+
+
+def _kind_of(value):
+    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', type(None): 'null',
+            int: 'an integer', float: 'a number'}.get(type(value), type(value).__name__)
+
+
+def load_run_summary(path, hint):
+    """A run folder's summary.json, checked to be a run summary: {"model": str, "figures": {id: [file, ...]},
+    "metrics": {...}, "run": {...} (optional)}. Every problem is one line naming the file (and the key); `hint`
+    says what the folder should have been."""
+    if not os.path.isdir(path):
+        raise UserError(f'{path} is not a folder: {hint}')
+    summary_path = os.path.join(path, 'summary.json')
+    if not os.path.exists(summary_path):
+        raise UserError(f'{path} has no summary.json: {hint}')
+    try:
+        with open(summary_path, encoding='utf-8') as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as exc:   # ValueError: not JSON, not UTF-8
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise UserError(f'{summary_path} is unreadable or not JSON ({type(exc).__name__}: {why}); repair it or '
+                        f'rerun the run that wrote it') from exc
+    fix = 'repair it or rerun the run that wrote it'
+    if not isinstance(summary, dict):
+        raise UserError(f'{summary_path} is not a run summary: it holds {_kind_of(summary)}, not an object with '
+                        f'"model", "figures" and "metrics"; {fix}')
+    for key in ('model', 'figures', 'metrics'):
+        if key not in summary:
+            raise UserError(f'{summary_path} is not a run summary: it has no "{key}"; {fix}')
+    if not isinstance(summary['model'], str) or not summary['model']:
+        raise UserError(f'{summary_path} is not a run summary: "model" is {_kind_of(summary["model"])}, not a '
+                        f'model name; {fix}')
+    for key in ('figures', 'metrics', 'run'):
+        if key in summary and not isinstance(summary[key], dict):
+            raise UserError(f'{summary_path} is not a run summary: "{key}" is {_kind_of(summary[key])}, not an '
+                            f'object; {fix}')
+    for qid, names in summary['figures'].items():
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise UserError(f'{summary_path} is not a run summary: "figures"."{qid}" is {_kind_of(names)}, not a '
+                            f'list of file names; {fix}')
+    return summary
 
 
 def read_ddpm_run(path):
+    """The metrics of a finished train_ddpm.py run folder, with every value the comparison reads checked."""
+    summary = load_run_summary(path, 'pass finished train_ddpm.py run folders, one per T')
     summary_path = os.path.join(path, 'summary.json')
-    if not os.path.exists(summary_path):
-        raise UserError(f'{path} has no summary.json: is it a finished train_ddpm.py run folder?')
-    try:
-        with open(summary_path) as f:
-            summary = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f'{summary_path} is unreadable ({exc})') from exc
-    if summary.get('model') != 'ddpm':
-        raise UserError(f'{path} is a {summary.get("model")} run, not a DDPM run')
-    return summary['metrics']
+    if summary['model'] != 'ddpm':
+        raise UserError(f'{path} is a {summary["model"]} run, not a DDPM run: pass finished train_ddpm.py run '
+                        f'folders, one per T')
+    metrics = summary['metrics']
+    for key, kind in NEEDED_METRICS.items():
+        what, ok = _KINDS[kind]
+        if key not in metrics:
+            raise UserError(f'{summary_path}: "metrics" has no "{key}", which the comparison needs; rerun '
+                            f'train_ddpm.py into that folder with this code, or leave the run out')
+        if not ok(metrics[key]):
+            raise UserError(f'{summary_path}: "metrics"."{key}" is {_kind_of(metrics[key])} '
+                            f'({json.dumps(metrics[key])[:40]}), not {what}; repair it or rerun train_ddpm.py')
+    return metrics
+
+
+def check_out_dir(path, inputs, flag='--out-dir'):
+    """Refuse, before anything is read or written, an output folder that would clobber a run: empty, a file, one
+    of the input run folders (by real path: a symlink or another spelling counts), a finished run (summary.json)
+    or a training run (checkpoint.pt)."""
+    if not path or not str(path).strip():
+        raise UserError(f'{flag} is empty: name the folder to write into')
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a file, not a folder: choose another {flag}')
+    real = os.path.realpath(path)
+    for given_flag, run in inputs:
+        if os.path.realpath(run) == real:
+            given = f' ({given_flag})' if given_flag else ''
+            raise UserError(f'{flag} {path} is the input run folder {run}{given}: writing there would replace its '
+                            f'summary.json and config.json; choose another {flag}')
+    refuse_finished(path, flag)
+    if os.path.exists(os.path.join(path, CHECKPOINT)):
+        raise UserError(f'{flag} {path} holds a training run ({CHECKPOINT}): writing there would replace its '
+                        f'config.json; choose another {flag}')
+
+
+def open_out_dir(path, flag='--out-dir'):
+    """Make the output folder, prove it can be written and lock it against a second process (release_locks())."""
+    prepare_out_dir(path, flag)
+    lock_dir(path, flag)
+    refuse_finished(path, flag)   # again under the lock: another process may have finished into it meanwhile
 
 
 def compare(run_dirs, out_dir, command):
+    check_out_dir(out_dir, [(None, p) for p in run_dirs])
     runs = sorted((read_ddpm_run(p) | {'run': p} for p in run_dirs), key=lambda m: m['timesteps'])
     if len({m['timesteps'] for m in runs}) != len(runs):
         raise UserError('two of the runs have the same T: give one run per T')
+    open_out_dir(out_dir)
     plt = pyplot()
 
     out = RunDir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     out.write_json('config.json', {'model': 'ddpm-compare', 'runs': list(run_dirs), 'command': command,
                                    'git_commit': git_commit()})
     ts = [m['timesteps'] for m in runs]
@@ -92,11 +188,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument('runs', nargs='+', help='train_ddpm.py run folders, one per T')
-    parser.add_argument('--out-dir', default='runs/ddpm-compare', help='where the 2.3a figure and table go')
+    parser.add_argument('--out-dir', default='runs/ddpm-compare',
+                        help='where the 2.3a figure and table go: a new folder, not one of the runs')
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     with user_errors():
-        return compare(args.runs, args.out_dir, 'python -m studylib.compare ' + ' '.join(
-            argv if argv is not None else sys.argv[1:]))
+        try:
+            return compare(args.runs, args.out_dir, shlex.join(['python', '-m', 'studylib.compare', *argv]))
+        finally:
+            release_locks()
 
 
 if __name__ == '__main__':

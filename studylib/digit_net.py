@@ -1,8 +1,10 @@
 """An in-domain sample-quality measure for SVHN generators: a small digit classifier's Frechet distance and scores.
 
 The Inception weights of the standard FID cannot be downloaded on every machine this study runs on, so the samples
-are judged by DigitNet, a small CNN trained on the SVHN training split of the data folder and cached there
-(digit_net.pt). digit_quality(net, samples, reference) gives
+are judged by DigitNet, a small CNN trained on the SVHN training split of the data folder and cached in the cache
+folder (cache_dir(): $STUDYLIB_CACHE, else $XDG_CACHE_HOME/studylib or ~/.cache/studylib), one file per training
+file content (digit_net-<sha256 prefix>.pt). Nothing is written into the data folder; a cache folder that cannot be
+written only means the net is trained for this run alone. digit_quality(net, samples, reference) gives
 
 - digit_fd: the Frechet distance between Gaussians fitted to DigitNet's 128 penultimate features of the samples
   and of the reference images (computed by torchmetrics' FrechetInceptionDistance with DigitNet as its feature
@@ -22,6 +24,7 @@ with published Inception FIDs; on a connected machine inception_fd() gives the s
 
     python -m studylib.digit_net --data-dir ./data         # train once (1-2 minutes on one CPU core), cache
 """
+import hashlib
 import argparse
 import math
 import os
@@ -35,11 +38,10 @@ from tqdm import tqdm
 
 from . import UserError
 from .cli import HelpFormatter, positive_int, user_errors
-from .data import batch_indices, load_split, to_unit_range
+from .data import SVHN_FILES, batch_indices, load_split, to_unit_range
 from .run import pick_device
 
 FORMAT = 'studylib-digit-net-v1'
-CACHE_NAME = 'digit_net.pt'
 EPOCHS, BATCH_SIZE, LR, SEED = 6, 128, 3e-3, 0   # the cached net's settings (load_or_train)
 EVAL_BATCH = 256
 SHIFT = 2   # augmentation: random translation by up to SHIFT pixels each way (no flips: digits are not symmetric)
@@ -133,17 +135,48 @@ def train_digit_net(train_x, train_y, test_x, test_y, epochs=EPOCHS, batch_size=
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the cache in the data folder
+# the cache (cache_dir(), never the data folder)
+
+def cache_dir():
+    """Where trained digit nets are kept: $STUDYLIB_CACHE, else $XDG_CACHE_HOME/studylib, else ~/.cache/studylib."""
+    if os.environ.get('STUDYLIB_CACHE'):
+        return os.environ['STUDYLIB_CACHE']
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'studylib')
+
 
 def default_path(data_dir):
-    return os.path.join(data_dir, CACHE_NAME)
+    """The cache file of the net trained on data_dir's SVHN training file, named by a hash of that file's bytes
+    (another copy or subset of SVHN gets its own net); None while the training file is not there."""
+    train = os.path.join(data_dir, SVHN_FILES['train'])
+    try:
+        digest = hashlib.sha256()
+        with open(train, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+    except OSError:
+        return None   # missing or unreadable: load_split says which, with the fix
+    return os.path.join(cache_dir(), f'digit_net-{digest.hexdigest()[:16]}.pt')
 
 
 def save_digit_net(path, net, info):
-    """Atomically (temp file + os.replace): an interrupted save never leaves a half-written cache behind."""
-    tmp = path + '.tmp'
-    torch.save({'format': FORMAT, 'model': net.state_dict(), 'info': info}, tmp)
-    os.replace(tmp, path)
+    """Atomically (temp file + os.replace): an interrupted save never leaves a half-written cache behind. Returns
+    False, with a note, when the cache folder cannot be written (absent, read-only, full): the net then serves
+    this run only."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({'format': FORMAT, 'model': net.state_dict(), 'info': info}, tmp)
+        os.replace(tmp, path)
+        return True
+    except (OSError, RuntimeError) as exc:   # torch.save reports a failed write as a RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        print(f'note: could not cache the digit net at {path} ({getattr(exc, "strerror", None) or exc}); it serves '
+              f'this run only (set STUDYLIB_CACHE to a writable folder to keep it)')
+        return False
 
 
 def load_digit_net(path, device='cpu'):
@@ -155,7 +188,8 @@ def load_digit_net(path, device='cpu'):
         raise UserError(f'digit-net cache {path} is unreadable or truncated ({type(exc).__name__}); {fix}') from exc
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise UserError(f'{path} is not a digit-net cache (no {FORMAT} marker); {fix}')
-    net = DigitNet()
+    with torch.random.fork_rng(devices=[]):   # its initial weights are overwritten: the caller's RNG stays put
+        net = DigitNet()
     try:
         net.load_state_dict(state['model'])
     except (RuntimeError, KeyError, TypeError) as exc:
@@ -173,16 +207,16 @@ def train_and_save(data_dir, device='cpu', epochs=EPOCHS, batch_size=BATCH_SIZE,
                 batch_size=batch_size, seed=SEED, seconds=time.time() - start,   # training and testing
                 device=str(torch.device(device)))
     path = default_path(data_dir)
-    save_digit_net(path, net, info)
+    cached = save_digit_net(path, net, info)
     print(f'digit net trained on {len(train_x)} SVHN images ({epochs} epochs, {info["seconds"]:.0f} s): '
-          f'{acc:.2f}% test accuracy on {len(test_x)} images; cached at {path}')
+          f'{acc:.2f}% test accuracy on {len(test_x)} images' + (f'; cached at {path}' if cached else ''))
     return net, info
 
 
 def load_or_train(data_dir, device='cpu', allow_download=True):
     """The cached DigitNet of data_dir, trained (with the fixed defaults) and cached first when there is none."""
     path = default_path(data_dir)
-    if os.path.exists(path):
+    if path is not None and os.path.exists(path):
         return load_digit_net(path, device)
     return train_and_save(data_dir, device, allow_download=allow_download)
 
@@ -288,20 +322,20 @@ def inception_fd(samples, reference, batch_size=100, device='cpu', weights_path=
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m studylib.digit_net', formatter_class=HelpFormatter,
                                      description='Train the digit classifier behind digit_quality() and cache it '
-                                                 'in the data folder (digit_net.pt).')
-    parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN files; the cache goes there')
+                                                 'in the cache folder ($STUDYLIB_CACHE or ~/.cache/studylib).')
+    parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN files (read only)')
     parser.add_argument('--epochs', type=positive_int, default=EPOCHS, help='training epochs')
     parser.add_argument('--batch-size', type=positive_int, default=BATCH_SIZE, help='training batch size')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                         help='where to train; auto = cuda when available')
     parser.add_argument('--no-download', action='store_true',
                         help='never touch the network: exit at once if an SVHN file is missing')
-    parser.add_argument('--force', action='store_true', help='retrain even when the data folder holds a cache')
+    parser.add_argument('--force', action='store_true', help='retrain even when a cached net exists')
     args = parser.parse_args(argv)
     with user_errors():
         device = pick_device(args.device)
         path = default_path(args.data_dir)
-        if os.path.exists(path) and not args.force:
+        if path is not None and os.path.exists(path) and not args.force:
             _, info = load_digit_net(path, device)
             print(f'{path} already holds a digit net: {info["test_accuracy"]:.2f}% test accuracy on '
                   f'{info["num_test"]} images ({info["num_train"]} training images, {info["epochs"]} epochs); '

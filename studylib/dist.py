@@ -38,9 +38,16 @@ class Ranks:
 
 def setup(device_flag):
     """The process group when torchrun started this process (nccl on CUDA, gloo on the CPU), else one process."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
+    try:
+        world = int(os.environ.get('WORLD_SIZE', '1'))
+    except ValueError:
+        raise UserError(f'WORLD_SIZE={os.environ["WORLD_SIZE"]!r} is not a number: start with torchrun, or unset '
+                        f'it') from None
     if world == 1:
         return Ranks(device=pick_device(device_flag))
+    if 'RANK' not in os.environ:
+        raise UserError(f'WORLD_SIZE={world} is set but RANK is not: start with torchrun, or unset WORLD_SIZE '
+                        f'for a single process')
     rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
     device = pick_device(device_flag)
     if device.type == 'cuda':

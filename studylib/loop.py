@@ -16,6 +16,7 @@ Under torchrun a last partial batch with fewer images than processes is skipped 
 visits). Non-finite losses are tracked on the device (no host sync per step) and checked once per checkpoint and at the end
 of the epoch: the run stops with the step named, before a non-finite state is saved, unless allow_nan.
 """
+import contextlib
 import signal
 import time
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from . import UserError
 from .dist import Ranks
+from .run import rng_state, set_rng_state
 
 SYNC_EVERY = 20   # under torchrun, ranks agree on a Ctrl-C every SYNC_EVERY steps (one tiny all_reduce)
 
@@ -39,13 +41,13 @@ class NonFiniteLoss(UserError):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag instead of raising inside a step; a second signal raises at once."""
+    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising inside a step; a second signal raises at once."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             for sig in self._previous:
                 signal.signal(sig, self._handle)
@@ -171,7 +173,26 @@ class EpochLoop:
         self.check_finite()
         if self.ranks.distributed:
             dist.all_reduce(self.sums)
-        return self.sums, time.perf_counter() - self.t0
+        seconds = time.perf_counter() - self.t0
+        # "every step done": what end_of_epoch() saves if the stage after the steps is interrupted
+        self.done = dict(epoch=self.epoch, step=len(self.starts), order=self.order, sums=self.sums.detach().cpu(),
+                         seconds=seconds)
+        self.done_rng = rng_state()
+        return self.sums, seconds
+
+    @contextlib.contextmanager
+    def end_of_epoch(self):
+        """The stage after the steps (evaluation, sampling, figures, the log row). Ctrl-C, SIGTERM or SIGHUP there
+        saves the epoch's finished training (with the random state it ended with, so a resume redoes this stage
+        exactly) and exits 130 with one line, instead of losing the epoch."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.save is not None and self.ranks.is_main:
+                set_rng_state(self.done_rng)
+                self.save(self.done)
+            raise Interrupted(f'interrupted after the training steps of epoch {self.epoch}; they were saved: rerun '
+                              f'the same command with --resume to continue') from None
 
 
 def resume_point(ckpt):

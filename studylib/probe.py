@@ -10,9 +10,12 @@ and three frozen feature maps read x_t:
   pixels  x_t itself, flattened.
 A linear (multinomial logistic) classifier is fitted on each (standardised features, L2 weight chosen on a
 held-out fifth of the training images) and its test top-1 accuracy is reported. The figure has id 2.3b.
+
+--out-dir must be a new folder: one of the two input runs, a finished run or a training run is refused (one line,
+exit status 2) before anything is read or written, and the folder is locked while the probe writes into it.
 """
 import argparse
-import os
+import shlex
 import sys
 
 import torch
@@ -20,10 +23,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import UserError
-from .cli import HelpFormatter, positive_int, user_errors
+from .cli import HelpFormatter, positive_int, seed_int, user_errors
 from .data import load_split, to_unit_range
 from .plots import pyplot
-from .run import RunDir, device_description, git_commit, pick_device
+from .compare import check_out_dir, open_out_dir
+from .run import RunDir, device_description, git_commit, pick_device, release_locks
 from .trained import load_ddpm, load_vae
 
 SOURCES = {'unet': 'DDPM U-Net middle block (pooled)', 'vae': 'VAE posterior mean', 'pixels': 'raw pixels of x_t'}
@@ -120,17 +124,18 @@ def save_figure(path, ts, acc, majority, title):
 
 
 def probe(args, command):
+    check_out_dir(args.out_dir, [('--ddpm', args.ddpm), ('--vae', args.vae)])
     device = pick_device(args.device)
     unet, diffusion, ddpm_epoch = load_ddpm(args.ddpm, device)
     vae, vae_epoch = load_vae(args.vae, device, flag='--vae')
     if max(args.t) >= diffusion.timesteps:
         raise UserError(f'--t {max(args.t)} is outside the DDPM run\'s 0..{diffusion.timesteps - 1}')
+    open_out_dir(args.out_dir)   # writable and locked before the images are loaded and the probes fitted
     train_x, train_y = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
     test_x, test_y = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     train_x, test_x = train_x.to(device), test_x.to(device)
 
     out = RunDir(args.out_dir)
-    os.makedirs(args.out_dir, exist_ok=True)
     config = dict(model='ddpm-probe', args=vars(args), command=command, git_commit=git_commit(),
                   torch_version=torch.__version__, device_name=device_description(device))
     out.write_json('config.json', config)
@@ -164,16 +169,21 @@ def main(argv=None):
     parser.add_argument('--vae', required=True, metavar='RUN_DIR', help='a finished train_vae.py run folder')
     parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN .mat files')
     parser.add_argument('--no-download', action='store_true', help='never touch the network')
-    parser.add_argument('--out-dir', default='runs/ddpm-probe', help='where the 2.3b figure and summary go')
+    parser.add_argument('--out-dir', default='runs/ddpm-probe',
+                        help='where the 2.3b figure and summary go: a new folder, not one of the runs')
     parser.add_argument('--t', type=parse_t_list, default=[0, 50, 100, 250, 500],
                         help='comma-separated diffusion steps to noise the images to')
     parser.add_argument('--limit-train', type=positive_int, default=2000, help='training images for the probe')
     parser.add_argument('--limit-test', type=positive_int, default=2000, help='test images for the probe')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the noise added to the images')
+    parser.add_argument('--seed', type=seed_int, default=0, help='seed of the noise added to the images')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     with user_errors():
-        return probe(args, 'python -m studylib.probe ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+        try:
+            return probe(args, shlex.join(['python', '-m', 'studylib.probe', *argv]))
+        finally:
+            release_locks()
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ be rebuilt without the training script, and they are written atomically (temp fi
 saving leaves the previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint is data,
 never code.
 """
+import io
 import json
 import os
 import platform
@@ -102,6 +103,94 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+# Flags a resumed run may change: where and how fast it runs, what it reports. Every other flag defines the
+# training itself (lr, batch, images, seed, model and recipe flags...): a resume with another value is refused,
+# since the checkpoint would silently keep the old one while config.json recorded the new.
+RESUMABLE_FLAGS = frozenset({
+    'epochs', 'resume', 'out_dir', 'data_dir', 'no_download', 'device', 'checkpoint_every', 'allow_nan', 'amp',
+    'compile', 'workers', 'loader', 'inception_fid', 'compare_vae', 'sample_every', 'num_samples', 'sampler',
+    'sample_steps', 't_primes', 'll_k', 'profile_per_class', 'experiment',
+})
+
+_LOCKS = {}   # folder -> open lock file of this process: the kernel releases them when it exits, however it exits
+
+
+def prepare_out_dir(path, flag='--out-dir'):
+    """Make the folder the user named and prove it can be written, before any work: one line when it cannot."""
+    if not path or not str(path).strip():
+        raise UserError(f'{flag} is empty: name the folder to write into')
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a file, not a folder: choose another {flag}')
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f'{flag} {path} cannot be written ({exc.strerror or exc}): choose another {flag}, or '
+                        f'fix its permissions or free space') from exc
+
+
+def lock_dir(path, flag='--out-dir'):
+    """An exclusive lock on the folder for the life of this process (fcntl.flock on .lock): a second run started
+    into the same folder is refused; a killed process holds nothing, since the kernel drops its locks."""
+    import fcntl
+    key = os.path.realpath(path)
+    if key in _LOCKS:   # this process holds it already
+        return _LOCKS[key]
+    lock_path = os.path.join(path, '.lock')
+    try:
+        f = open(lock_path, 'a+')
+    except OSError as exc:
+        raise UserError(f'{flag} {path} cannot be written ({exc.strerror}): choose another {flag}') from exc
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        raise UserError(f'{path} is in use by {holder}: wait for that run to end, or choose another {flag}') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {platform.node()}\n')
+    f.flush()
+    _LOCKS[key] = f
+    return f
+
+
+def release_locks():
+    """Drop this process's folder locks (at the end of a driver's main(), so that a second main() in the same
+    process, as the tests run them, can open the folder again)."""
+    while _LOCKS:
+        _LOCKS.popitem()[1].close()
+
+
+def read_summary(path):
+    """A folder's summary.json as a dict, None when there is none; one line when it is not a summary."""
+    summary_path = os.path.join(path, 'summary.json')
+    if not os.path.exists(summary_path):
+        return None
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f'{summary_path} is unreadable or not JSON ({exc}); repair or remove it') from exc
+    if not isinstance(summary, dict) or not isinstance(summary.get('metrics'), dict) \
+            or not isinstance(summary.get('figures', {}), dict):
+        raise UserError(f'{summary_path} is not a run summary (expected an object with "model", "figures" and '
+                        f'"metrics"); repair or remove it')
+    return summary
+
+
+def refuse_finished(path, flag='--out-dir'):
+    """Never replace a finished run: a folder whose summary.json exists holds one, checkpoint or not."""
+    summary = read_summary(path)
+    if summary is not None:
+        raise UserError(f'{path} holds a finished {summary.get("model", "")} run (summary.json): choose another '
+                        f'{flag}, or delete that folder to redo it')
+
+
 class RunDir:
     """The run folder. Nothing is written until `start()` has checked that this start cannot clobber a run."""
 
@@ -109,16 +198,22 @@ class RunDir:
         self.path = path
         self.checkpoint_path = os.path.join(path, CHECKPOINT)
         self.metrics_path = os.path.join(path, 'metrics.jsonl')
+        self.args = None
 
     def file(self, name):
         return os.path.join(self.path, name)
 
     def start(self, config, resume):
-        """Check the folder against --resume; on a fresh start write config.json. Returns the checkpoint or None.
+        """Check the folder against --resume; write config.json. Returns the checkpoint or None.
 
-        A fresh start refuses a folder that already holds a checkpoint (it would be overwritten); a resume needs
-        one, and refuses one that is unreadable or was made by another model or model config.
+        Everything is checked before anything is written: the folder is writable and not in use by another run
+        (a lock held until this process ends); a fresh start refuses a folder that holds a finished run
+        (summary.json) or a checkpoint; a resume needs a checkpoint of the same model, model config and training
+        flags (RESUMABLE_FLAGS may change).
         """
+        if not self.path or not str(self.path).strip():
+            raise UserError('--out-dir is empty: name the folder to write into')
+        self.args = dict(config.get('args', {}))
         if resume:
             if not os.path.exists(self.checkpoint_path):
                 raise UserError(f'--resume: no checkpoint at {self.checkpoint_path}; '
@@ -128,45 +223,80 @@ class RunDir:
                 raise UserError(f'--resume: {self.checkpoint_path} holds a {ckpt["model_name"]} with config '
                                 f'{ckpt["model_config"]}, but this run asks for a {config["model"]} with '
                                 f'{config["model_config"]}; use the same model flags or another --out-dir')
+            self._check_resumed_flags(ckpt)
+            prepare_out_dir(self.path)
+            lock_dir(self.path)
             self.truncate_metrics(ckpt['epoch'])
             self.write_json('config.json', config)
             return ckpt
+        refuse_finished(self.path)
         if os.path.exists(self.checkpoint_path):
             raise UserError(f'{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, '
                             f'or choose another --out-dir')
-        os.makedirs(self.path, exist_ok=True)
+        prepare_out_dir(self.path)
+        lock_dir(self.path)
         if os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run's log must not continue an aborted run's rows
         self.write_json('config.json', config)
         return None
 
+    def _check_resumed_flags(self, ckpt):
+        saved = ckpt.get('args')
+        if saved is None:   # a checkpoint of older code: its run's config.json holds the flags
+            try:
+                with open(self.file('config.json')) as f:
+                    saved = json.load(f).get('args')
+            except (OSError, ValueError):
+                saved = None
+        if not isinstance(saved, dict):
+            print(f'note: {self.path} records no training flags; --resume cannot check that they are unchanged')
+            return
+        changed = [k for k in sorted(set(saved) | set(self.args))
+                   if k not in RESUMABLE_FLAGS and saved.get(k) != self.args.get(k)]
+        if changed:
+            what = ', '.join(f'--{k.replace("_", "-")} {self.args.get(k)} (the run has {saved.get(k)})'
+                             for k in changed)
+            raise UserError(f'--resume with other training flags: {what}; a resumed run keeps its own: drop or '
+                            f'restore them, or start a new run in another --out-dir')
+
     def write_json(self, name, obj):
-        tmp = self.file(name + '.tmp')
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write('\n')
-        os.replace(tmp, self.file(name))
+        _write_atomically(self.file(name), (json.dumps(obj, indent=2, default=str) + '\n').encode())
 
     def log_metrics(self, row):
-        with open(self.metrics_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        try:
+            with open(self.metrics_path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+        except OSError as exc:
+            raise UserError(f'could not write {self.metrics_path}: {exc.strerror or exc}; free space or choose '
+                            f'another --out-dir, then rerun with --resume') from exc
 
     def read_metrics(self):
+        """The logged rows; a line cut short (a crash while appending) or garbled is skipped with a note."""
         if not os.path.exists(self.metrics_path):
             return []
+        rows = []
         with open(self.metrics_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if isinstance(row, dict) and isinstance(row.get('epoch'), int):
+                    rows.append(row)
+                else:
+                    print(f'note: {self.metrics_path} line {number} is not a metrics row; skipped')
+        return rows
 
     def truncate_metrics(self, epoch):
         """Keep the rows up to `epoch`: rows logged after the last checkpoint belong to lost work."""
         rows = [r for r in self.read_metrics() if r['epoch'] <= epoch]
-        tmp = self.metrics_path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in rows)
-        os.replace(tmp, self.metrics_path)
+        _write_atomically(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in rows).encode())
 
     def save_checkpoint(self, **state):
-        save_checkpoint(self.checkpoint_path, **state)
+        args = self.args or {}
+        save_checkpoint(self.checkpoint_path, args=args, check_finite=not args.get('allow_nan', False), **state)
 
     def provenance(self):
         """How the run was made, from its config.json, so that a reader of summary.json alone can cite it."""
@@ -219,22 +349,52 @@ def open_run(args, model, model_config, device, command):
     return run, config, run.start(config, args.resume)
 
 
-def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, extra=None):
-    """Write atomically: a reader (or a crash) never sees a half-written checkpoint.pt."""
+def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, extra=None, args=None,
+                    check_finite=True):
+    """Write atomically: a reader (or a crash) never sees a half-written checkpoint.pt. Non-finite weights are
+    refused (check_finite; the loss guard alone misses the last step's update, e.g. with an infinite lr), and a
+    failed write (a full disk, a read-only mount) is one line with the previous checkpoint intact."""
+    weights = model.state_dict()
+    if check_finite:
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise UserError(f'the weights became non-finite in epoch {epoch + 1} ({bad[0]}{" and others" if len(bad) > 1 else ""}); '
+                            f'the previous checkpoint is kept: rerun with a lower --lr, or --allow-nan to train '
+                            f'on regardless')
     state = {
         'format': CHECKPOINT_FORMAT,
         'model_name': model_name,
         'model_version': MODEL_VERSIONS.get(model_name, 1),
         'model_config': model_config,
-        'model': model.state_dict(),
+        'model': weights,
         'optimizer': optimizer.state_dict(),
         'epoch': epoch,
         'rng': rng_state(),
+        'args': args,
         'extra': extra or {},
     }
+    buffer = io.BytesIO()   # serialised in memory first: a write error is then an OSError with its errno
+    torch.save(state, buffer)
+    _write_atomically(path, buffer.getbuffer())
+
+
+def _write_atomically(path, data):
+    """data to path through a temp file and os.replace; on failure the temp file is removed, the old file kept,
+    and the error is one line naming the file and the cause (no space left, read-only file system, ...)."""
     tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise UserError(f'could not write {path}: {exc.strerror or exc}; the previous version (if any) is kept: '
+                        f'free space or choose another --out-dir, then rerun with --resume') from exc
 
 
 def load_checkpoint(path):

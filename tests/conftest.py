@@ -1,6 +1,7 @@
 import contextlib
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Trained digit nets (studylib.digit_net) are cached beside the test data, or for this session only without it, never
+# in the user's own cache folder.
+if not os.environ.get('STUDYLIB_CACHE'):
+    os.environ['STUDYLIB_CACHE'] = (os.path.join(os.environ['DATA_DIR'], '.studylib-cache') if os.environ.get('DATA_DIR')
+                                    else tempfile.mkdtemp(prefix='studylib-cache-'))
 
 # The suite runs on 2-core CI machines; oversubscribing threads only slows every test down.
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,6 +1,7 @@
 """The digit-net quality measure: the torchmetrics Frechet distance against the closed form for Gaussians, the
 scores against hand-computed values, the ranking of degraded images on real data, and the cache's refusals."""
 import math
+import os
 import urllib.error
 
 import numpy as np
@@ -186,12 +187,15 @@ def test_identical_and_reordered_sets_on_real_features(svhn_net):
 # the cache: a made-up SVHN folder, so no real data is needed
 
 @pytest.fixture
-def tiny_svhn(tmp_path):
+def tiny_svhn(tmp_path, monkeypatch):
+    monkeypatch.setenv('STUDYLIB_CACHE', str(tmp_path / 'cache'))
+    data = tmp_path / 'data'
+    data.mkdir()
     rng = np.random.default_rng(0)
     for name, n in (('train_32x32.mat', 40), ('test_32x32.mat', 20)):
-        savemat(tmp_path / name, {'X': rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
-                                  'y': rng.integers(1, 11, size=(n, 1), dtype=np.uint8)})
-    return str(tmp_path)
+        savemat(data / name, {'X': rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
+                              'y': rng.integers(1, 11, size=(n, 1), dtype=np.uint8)})
+    return str(data)
 
 
 def test_load_or_train_trains_once_then_loads(tiny_svhn, monkeypatch, capsys, isolated_torch_state):
@@ -215,6 +219,7 @@ def test_load_or_train_trains_once_then_loads(tiny_svhn, monkeypatch, capsys, is
                                               ('wrong weights', 'do not fit DigitNet')])
 def test_bad_caches_are_refused_in_one_line(tiny_svhn, content, message):
     path = dn.default_path(tiny_svhn)
+    os.makedirs(os.path.dirname(path))
     if content == 'foreign':
         torch.save({'model': {}}, path)
     elif content == 'wrong weights':
@@ -229,6 +234,7 @@ def test_bad_caches_are_refused_in_one_line(tiny_svhn, content, message):
 
 def test_cli_reports_cache_refuses_corrupt_one_and_force_retrains(tiny_svhn, capsys, isolated_torch_state):
     args = ['--data-dir', tiny_svhn, '--no-download', '--device', 'cpu', '--epochs', '1']
+    os.makedirs(os.path.dirname(dn.default_path(tiny_svhn)))
     with open(dn.default_path(tiny_svhn), 'wb') as f:
         f.write(b'garbage bytes')
     with pytest.raises(SystemExit) as exit_info:
@@ -240,3 +246,39 @@ def test_cli_reports_cache_refuses_corrupt_one_and_force_retrains(tiny_svhn, cap
     assert 'cached at' in capsys.readouterr().out
     assert dn.main(args)['epochs'] == 1          # the cache now exists: reported, not retrained
     assert 'already holds a digit net' in capsys.readouterr().out
+
+
+def test_cache_lives_outside_the_data_folder_and_an_unwritable_one_is_not_fatal(tiny_svhn, monkeypatch, capsys,
+                                                                                isolated_torch_state):
+    """Nothing is written into the data folder (it may be read-only); when the cache folder cannot be written
+    (injected EROFS: CI runs as root), the net is trained and used for this run with a note, not a traceback."""
+    import errno
+    before = sorted(os.listdir(tiny_svhn))
+    real_save = torch.save
+
+    def read_only(obj, f, *args, **kwargs):
+        if str(f).startswith(os.environ['STUDYLIB_CACHE']):
+            raise OSError(errno.EROFS, 'Read-only file system', str(f))
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', read_only)
+    net, info = dn.load_or_train(tiny_svhn, 'cpu', allow_download=False)
+    assert info['num_train'] == 40 and not net.training
+    out = capsys.readouterr().out
+    assert 'could not cache the digit net' in out and 'Read-only file system' in out
+    assert sorted(os.listdir(tiny_svhn)) == before
+    assert not os.path.exists(dn.default_path(tiny_svhn))
+    monkeypatch.undo()
+    dn.load_or_train(tiny_svhn, 'cpu', allow_download=False)
+    assert os.path.dirname(dn.default_path(tiny_svhn)) == os.environ['STUDYLIB_CACHE']
+    assert os.path.exists(dn.default_path(tiny_svhn)) and sorted(os.listdir(tiny_svhn)) == before
+
+
+def test_loading_the_cache_draws_no_random_numbers(tiny_svhn, isolated_torch_state):
+    """Only the writing rank loads the classifier (before training): a draw there would shift that rank's random
+    stream against the others' and break the N-process = 1-process equivalence."""
+    dn.load_or_train(tiny_svhn, 'cpu', allow_download=False)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    dn.load_or_train(tiny_svhn, 'cpu', allow_download=False)
+    assert torch.equal(torch.rand(4), expected)

@@ -109,7 +109,7 @@ def test_missing_data_offline_is_one_clear_line(tmp_path):
 
 def test_resume_without_checkpoint(data_dir, tmp_path):
     result = cli('--no-download', '--data-dir', data_dir, '--out-dir', str(tmp_path / 'run'), '--resume',
-                 '--limit-train', '64', '--limit-test', '16')
+                 '--limit-train', '64', '--limit-test', '16', '--profile-per-class', '1')
     assert result.returncode == 2
     assert 'no checkpoint' in result.stderr and 'Traceback' not in result.stderr
 
