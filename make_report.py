@@ -25,6 +25,7 @@ import zlib
 from studylib import UserError
 from studylib.cli import HelpFormatter, user_errors
 from studylib.compare import load_run_summary
+from studylib.run import write_atomically
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ANSWERS = os.path.join(ROOT, 'report', 'answers.md')
@@ -137,27 +138,6 @@ def check_figures(runs):
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f'figure {file} ({listed}) is truncated or not a PNG image ({why}): rerun the run that '
                             f'made it, or restore the file') from exc
-
-
-def write_atomically(path, data):
-    """The PDF to `path` through a temp file beside it and os.replace: a full disk, a read-only file system or a
-    Ctrl-C leaves the previous report as it was and no temp file behind."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise UserError(f'could not write --out {path} ({exc.strerror or exc}): the previous report (if any) '
-                            f'is kept; free space or choose another --out') from exc
-        raise
 
 
 def parse_answers(text):
@@ -484,7 +464,7 @@ def build(runs, answers_text, out_path):
               title='VAE, DDPM and SimSiam study report', author='make_report.py')
     doc.build(story, onFirstPage=footer, onLaterPages=footer)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    write_atomically(out_path, pdf.getvalue())
+    write_atomically(out_path, pdf.getvalue(), fix='free space or choose another --out')
     return doc.page
 
 

@@ -367,11 +367,7 @@ def check_out_dir(args, names):
     if not args.resume:
         refuse_finished(args.out_dir)
         for name in names:
-            run = RunDir(config_dir(args, name))
-            refuse_finished(run.path)
-            if os.path.exists(run.checkpoint_path):
-                raise UserError(f'{run.path} already holds a run (checkpoint.pt); pass --resume to continue '
-                                f'it, or choose another --out-dir')
+            RunDir(config_dir(args, name)).refuse_fresh_start()
         prepare_out_dir(args.out_dir)
         lock_dir(args.out_dir)
         return

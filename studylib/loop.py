@@ -13,7 +13,9 @@ the steps already done, so it ends with the weights of an uninterrupted run. An 
 steps (the first signal sets a flag; a second one stops at once), so a checkpoint never holds a half-done step.
 
 Under torchrun a last partial batch with fewer images than processes is skipped (`images` counts what an epoch
-visits). Non-finite losses are tracked on the device (no host sync per step) and checked once per checkpoint and at the end
+visits).
+
+Non-finite losses are tracked on the device (no host sync per step) and checked once per checkpoint and at the end
 of the epoch: the run stops with the step named, before a non-finite state is saved, unless allow_nan.
 """
 import contextlib

@@ -229,16 +229,20 @@ class RunDir:
             self.truncate_metrics(ckpt['epoch'])
             self.write_json('config.json', config)
             return ckpt
-        refuse_finished(self.path)
-        if os.path.exists(self.checkpoint_path):
-            raise UserError(f'{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, '
-                            f'or choose another --out-dir')
+        self.refuse_fresh_start()
         prepare_out_dir(self.path)
         lock_dir(self.path)
         if os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run's log must not continue an aborted run's rows
         self.write_json('config.json', config)
         return None
+
+    def refuse_fresh_start(self):
+        """A fresh start never replaces a finished run (summary.json) nor an unfinished one (checkpoint.pt)."""
+        refuse_finished(self.path)
+        if os.path.exists(self.checkpoint_path):
+            raise UserError(f'{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, '
+                            f'or choose another --out-dir')
 
     def _check_resumed_flags(self, ckpt):
         saved = ckpt.get('args')
@@ -260,7 +264,7 @@ class RunDir:
                             f'restore them, or start a new run in another --out-dir')
 
     def write_json(self, name, obj):
-        _write_atomically(self.file(name), (json.dumps(obj, indent=2, default=str) + '\n').encode())
+        write_atomically(self.file(name), (json.dumps(obj, indent=2, default=str) + '\n').encode())
 
     def log_metrics(self, row):
         try:
@@ -292,7 +296,7 @@ class RunDir:
     def truncate_metrics(self, epoch):
         """Keep the rows up to `epoch`: rows logged after the last checkpoint belong to lost work."""
         rows = [r for r in self.read_metrics() if r['epoch'] <= epoch]
-        _write_atomically(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in rows).encode())
+        write_atomically(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in rows).encode())
 
     def save_checkpoint(self, **state):
         args = self.args or {}
@@ -358,7 +362,8 @@ def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, 
     if check_finite:
         bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise UserError(f'the weights became non-finite in epoch {epoch + 1} ({bad[0]}{" and others" if len(bad) > 1 else ""}); '
+            which = bad[0] + (' and others' if len(bad) > 1 else '')
+            raise UserError(f'the weights became non-finite in epoch {epoch + 1} ({which}); '
                             f'the previous checkpoint is kept: rerun with a lower --lr, or --allow-nan to train '
                             f'on regardless')
     state = {
@@ -375,12 +380,13 @@ def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, 
     }
     buffer = io.BytesIO()   # serialised in memory first: a write error is then an OSError with its errno
     torch.save(state, buffer)
-    _write_atomically(path, buffer.getbuffer())
+    write_atomically(path, buffer.getbuffer())
 
 
-def _write_atomically(path, data):
-    """data to path through a temp file and os.replace; on failure the temp file is removed, the old file kept,
-    and the error is one line naming the file and the cause (no space left, read-only file system, ...)."""
+def write_atomically(path, data, fix='free space or choose another --out-dir, then rerun with --resume'):
+    """data (bytes) to path through a temp file, fsync and os.replace. On any failure, an interrupt included, the
+    temp file is removed and the old file kept; an OSError (no space left, read-only file system, ...) becomes one
+    line naming the file, the cause and `fix`."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -388,13 +394,15 @@ def _write_atomically(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise UserError(f'could not write {path}: {exc.strerror or exc}; the previous version (if any) is kept: '
-                        f'free space or choose another --out-dir, then rerun with --resume') from exc
+        if isinstance(exc, OSError):
+            raise UserError(f'could not write {path}: {exc.strerror or exc}; the previous version (if any) is '
+                            f'kept: {fix}') from exc
+        raise
 
 
 def load_checkpoint(path):

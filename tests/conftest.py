@@ -13,8 +13,8 @@ if ROOT not in sys.path:
 # Trained digit nets (studylib.digit_net) are cached beside the test data, or for this session only without it, never
 # in the user's own cache folder.
 if not os.environ.get('STUDYLIB_CACHE'):
-    os.environ['STUDYLIB_CACHE'] = (os.path.join(os.environ['DATA_DIR'], '.studylib-cache') if os.environ.get('DATA_DIR')
-                                    else tempfile.mkdtemp(prefix='studylib-cache-'))
+    os.environ['STUDYLIB_CACHE'] = (os.path.join(os.environ['DATA_DIR'], '.studylib-cache')
+                                    if os.environ.get('DATA_DIR') else tempfile.mkdtemp(prefix='studylib-cache-'))
 
 # The suite runs on 2-core CI machines; oversubscribing threads only slows every test down.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -126,3 +126,32 @@ def stop_resume_compare(script, args, tmp_path, epoch, signum):
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert_same_weights(tmp_path / 'a' / 'checkpoint.pt', tmp_path / 'b' / 'checkpoint.pt')
     return code, err
+
+
+@pytest.fixture
+def tiny_svhn(tmp_path, monkeypatch):
+    """A small SVHN folder in the standard layout (48 training, 32 test images of random pixels, labels cycling
+    through the ten digits) and an empty digit-net cache folder of this test's own."""
+    import numpy as np
+    from scipy.io import savemat
+    monkeypatch.setenv('STUDYLIB_CACHE', str(tmp_path / 'cache'))
+    data = tmp_path / 'data'
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (('train_32x32.mat', 48), ('test_32x32.mat', 32)):
+        savemat(data / name, {'X': rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                              'y': (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)})
+    return str(data)
+
+
+def read_only_cache(monkeypatch):
+    """Saving into the digit-net cache folder fails as on a read-only file system (EROFS; CI runs as root, where
+    file modes stop nothing); every other torch.save works."""
+    import errno
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).startswith(os.environ['STUDYLIB_CACHE']):
+            raise OSError(errno.EROFS, 'Read-only file system', str(f))
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save)

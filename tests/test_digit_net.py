@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from scipy.io import savemat
+
+from tests.conftest import read_only_cache
 
 from studylib import UserError
 from studylib import digit_net as dn
@@ -186,23 +187,11 @@ def test_identical_and_reordered_sets_on_real_features(svhn_net):
 # ---------------------------------------------------------------------------------------------------------------
 # the cache: a made-up SVHN folder, so no real data is needed
 
-@pytest.fixture
-def tiny_svhn(tmp_path, monkeypatch):
-    monkeypatch.setenv('STUDYLIB_CACHE', str(tmp_path / 'cache'))
-    data = tmp_path / 'data'
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (('train_32x32.mat', 40), ('test_32x32.mat', 20)):
-        savemat(data / name, {'X': rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
-                              'y': rng.integers(1, 11, size=(n, 1), dtype=np.uint8)})
-    return str(data)
-
-
 def test_load_or_train_trains_once_then_loads(tiny_svhn, monkeypatch, capsys, isolated_torch_state):
     net, info = dn.load_or_train(tiny_svhn, 'cpu', allow_download=False)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and 'cached at' in lines[0]
-    assert (info['num_train'], info['num_test'], info['epochs']) == (40, 20, dn.EPOCHS)
+    assert (info['num_train'], info['num_test'], info['epochs']) == (48, 32, dn.EPOCHS)
     assert 0 <= info['test_accuracy'] <= 100 and not net.training
 
     def no_training(*args, **kwargs):
@@ -252,17 +241,10 @@ def test_cache_lives_outside_the_data_folder_and_an_unwritable_one_is_not_fatal(
                                                                                 isolated_torch_state):
     """Nothing is written into the data folder (it may be read-only); when the cache folder cannot be written
     (injected EROFS: CI runs as root), the net is trained and used for this run with a note, not a traceback."""
-    import errno
     before = sorted(os.listdir(tiny_svhn))
-    real_save = torch.save
-
-    def read_only(obj, f, *args, **kwargs):
-        if str(f).startswith(os.environ['STUDYLIB_CACHE']):
-            raise OSError(errno.EROFS, 'Read-only file system', str(f))
-        return real_save(obj, f, *args, **kwargs)
-    monkeypatch.setattr(torch, 'save', read_only)
+    read_only_cache(monkeypatch)
     net, info = dn.load_or_train(tiny_svhn, 'cpu', allow_download=False)
-    assert info['num_train'] == 40 and not net.training
+    assert info['num_train'] == 48 and not net.training
     out = capsys.readouterr().out
     assert 'could not cache the digit net' in out and 'Read-only file system' in out
     assert sorted(os.listdir(tiny_svhn)) == before

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from studylib import run as R
 from tests.conftest import ROOT
+from tests.test_distributed import _run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,16 +147,6 @@ def test_tf32_off_switches_tf32_off_and_restores_it():
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun: the last partial batch smaller than the number of processes; --compile with DDP and synced batch norm
 
-def _torchrun(script, args, out, nproc, extra_env=None):
-    env = dict(os.environ, OMP_NUM_THREADS='1', **(extra_env or {}))
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
-        if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, os.path.join(ROOT, script), *args, '--out-dir', str(out)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 @pytest.mark.parametrize('script, extra', [
     ('train_vae.py', ['--ll-k', '1', '--profile-per-class', '1']),
     ('train_ddpm.py', ['--num-samples', '2', '--timesteps', '10']),
@@ -165,12 +156,12 @@ def test_a_last_batch_smaller_than_the_world_is_skipped(data_dir, tmp_path, scri
     (the U-Net then failed in a reshape, the VAE's loss became NaN). It sits the epoch out; the loss is finite."""
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '97',
             '--limit-test', '16', '--batch-size', '16', *extra]
-    out = _torchrun(script, args, tmp_path / 'run', 2)
+    out = _run(script, args, tmp_path / 'run', 2)
     rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
     assert len(rows) == 1 and rows[0]['train_loss'] == rows[0]['train_loss'] and abs(rows[0]['train_loss']) < 1e6
 
 
-def test_epoch_loop_drops_only_a_too_small_last_batch_under_torchrun():
+def test_epoch_loop_drops_only_a_too_small_last_batch_under_run():
     from studylib.dist import Ranks
     from studylib.loop import EpochLoop
     g = torch.Generator().manual_seed(0)
@@ -186,8 +177,8 @@ def test_compile_under_torchrun_with_synced_batch_norm_matches_one_process(data_
     it, to the tolerance of tests/test_distributed.py."""
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '64',
             '--limit-test', '16', '--batch-size', '16', '--ll-k', '1', '--profile-per-class', '1']
-    one = _torchrun('train_vae.py', args, tmp_path / 'one', 1)
-    two = _torchrun('train_vae.py', args + ['--compile'], tmp_path / 'two', 2)
+    one = _run('train_vae.py', args, tmp_path / 'one', 1)
+    two = _run('train_vae.py', args + ['--compile'], tmp_path / 'two', 2)
     a = torch.load(one / 'checkpoint.pt', weights_only=True)['model']
     b = torch.load(two / 'checkpoint.pt', weights_only=True)['model']
     assert a.keys() == b.keys()

@@ -15,18 +15,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from scipy.io import savemat
 
 import train_ddpm
 import train_simsiam
 import train_vae
 from studylib import UserError
 from studylib import run as R
-from tests.conftest import ROOT, run_script, stop_mid_epoch
+from tests.conftest import ROOT, read_only_cache, run_script, stop_mid_epoch
 
 VAE_TINY = ['--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '96', '--limit-test', '16',
             '--batch-size', '16', '--ll-k', '1', '--profile-per-class', '1']
@@ -68,19 +66,6 @@ def finished_vae(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('finished') / 'vae'
     train_vae.main(vae(data_dir, out))
     return out
-
-
-@pytest.fixture
-def tiny_svhn(tmp_path, monkeypatch):
-    """A small SVHN folder (balanced labels) and an empty cache folder of this test's own."""
-    monkeypatch.setenv('STUDYLIB_CACHE', str(tmp_path / 'cache'))
-    data = tmp_path / 'data'
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (('train_32x32.mat', 48), ('test_32x32.mat', 32)):
-        savemat(data / name, {'X': rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                              'y': (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)})
-    return str(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,13 +122,7 @@ def test_ddpm_writes_nothing_into_the_data_folder(tiny_svhn, tmp_path, monkeypat
     """A read-only data folder is fine: the classifier's cache lives in the cache folder (here unwritable too:
     injected EROFS), so the run trains it, uses it and finishes."""
     before = snapshot(tiny_svhn)
-    real_save = torch.save
-
-    def read_only_cache(obj, f, *args, **kwargs):
-        if str(f).startswith(os.environ['STUDYLIB_CACHE']):
-            raise OSError(errno.EROFS, 'Read-only file system', str(f))
-        return real_save(obj, f, *args, **kwargs)
-    monkeypatch.setattr(torch, 'save', read_only_cache)
+    read_only_cache(monkeypatch)
     metrics = train_ddpm.main(['--data-dir', tiny_svhn, '--out-dir', str(tmp_path / 'run'), '--no-download',
                                '--device', 'cpu', '--epochs', '1', '--batch-size', '16', '--num-samples', '2',
                                '--timesteps', '10', '--limit-test', '16'])

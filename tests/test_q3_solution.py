@@ -342,7 +342,8 @@ def _unit(angles_deg):
 
 
 def test_knn_known_neighbours_and_random_data_match_brute_force():
-    """(The bank is passed as (D, N), the course notebook's layout: hence bank.t() below.) Queries next to a class cluster get that class first; on random data the full ranking equals the
+    """(The bank is passed as (D, N), the course notebook's layout: hence bank.t() below.) Queries next to a class
+    cluster get that class first; on random data the full ranking equals the
     brute-force oracle. Catches a transposed bank, top-k of the smallest similarities, votes indexed by bank
     position instead of label, and a reversed ranking."""
     bank = _unit([-5, 0, 5, 85, 90, 95, 175, 180, 185])

@@ -149,7 +149,8 @@ def test_q_sample_and_p_sample_match_float32_formulas_at_small_t():
     assert torch.allclose(D.q_sample(x0, t, noise), expected)
 
     model = lambda x, tt: 0.3 * x + 0.1    # noqa: E731  (a known eps_theta)
-    mean = col(ref['sqrt_recip_alphas']) * (x0 - col(ref['betas']) * model(x0, t) / col(ref['sqrt_one_minus_alphas_cumprod']))
+    eps_coef = col(ref['betas']) / col(ref['sqrt_one_minus_alphas_cumprod'])
+    mean = col(ref['sqrt_recip_alphas']) * (x0 - eps_coef * model(x0, t))
     assert torch.allclose(D.p_sample(model, x0, t, 0), mean)
     torch.manual_seed(3)
     z = torch.randn_like(x0)
