@@ -391,22 +391,46 @@ class DiffusionSchedule(nn.Module):
         return p_losses(denoise_model, x_start, t, noise, schedule=self)
 
     @torch.no_grad()
-    def sample(self, model, shape, progress=False):
-        """x_0 alone, from pure noise: the p_sample_loop chain without keeping T copies of the batch."""
+    def sample(self, model, shape, progress=False, clip_denoised=False):
+        """x_0 alone, from pure noise: the p_sample_loop chain without keeping T copies of the batch.
+        clip_denoised (off by default, as in the template) takes p_sample_clipped's steps instead."""
         x = torch.randn(shape, device=_device_of(model))
-        for x in self.reverse_steps(model, x, self.timesteps, progress=progress):
+        for x in self.reverse_steps(model, x, self.timesteps, progress=progress, clip_denoised=clip_denoised):
             pass
         return x
 
-    def reverse_steps(self, model, x, start, progress=False):
+    def reverse_steps(self, model, x, start, progress=False, clip_denoised=False):
         """Yield x_{i-1} for i = start ... 1 (time indices start-1 ... 0), starting from x = x_start."""
+        step = self.p_sample_clipped if clip_denoised else self.p_sample
         steps = reversed(range(start))
         if progress:
             steps = tqdm(steps, total=start, desc='sampling', leave=False)
         for i in steps:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.p_sample(model, x, t, i)
+            x = step(model, x, t, i)
             yield x
+
+    @torch.no_grad()
+    def p_sample_clipped(self, model, x, t, t_index):
+        """p_sample with the predicted x_0 clipped to the data range [-1, 1] (as lucidrains' clip_denoised and
+        diffusers' clip_sample do; the template's p_sample does not). The step is written through x_0:
+
+            x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t), clamped to [-1, 1]
+            mean   = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x0_hat + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t
+
+        the mean of q(x_{t-1} | x_t, x_0 = x0_hat) (DDPM eq. 7). Without the clamp it is p_sample's mean exactly (the
+        two are the same algebra), so the clip changes only steps whose x0_hat leaves the data range: it keeps an
+        undertrained model's chain from drifting into saturated colours. The same noise sqrt(beta~_t) z is added,
+        none at t_index 0."""
+        t = t.to(x.device)
+        abar_t = extract(self.alphas_cumprod, t, x.shape)
+        abar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
+        beta_t = extract(self.betas, t, x.shape)
+        x0 = ((x - (1. - abar_t).sqrt() * model(x, t)) / abar_t.sqrt()).clamp(-1., 1.)
+        mean = (beta_t * abar_prev.sqrt() * x0 + (1. - abar_prev) * (1. - beta_t).sqrt() * x) / (1. - abar_t)
+        if t_index == 0:
+            return mean
+        return mean + extract(self.posterior_variance, t, x.shape).sqrt() * torch.randn_like(x)
 
     def t_sample(self, batch_size, device=None):
         return torch.randint(0, self.timesteps, (batch_size,), device=device)

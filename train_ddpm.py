@@ -79,6 +79,9 @@ def parse_args(argv=None):
                            'seed\'s), or deterministic DDIM (eta=0) with --sample-steps steps. The final stage also '
                            'times and scores DDIM with 50 and 100 steps beside DDPM')
     ddpm.add_argument('--sample-steps', type=positive_int, default=50, help='DDIM steps when --sampler ddim')
+    ddpm.add_argument('--clip-denoised', action='store_true',
+                      help="clip each sampling step's predicted x_0 to [-1, 1] (lucidrains' clip_denoised, "
+                           "diffusers' clip_sample); off by default, as the template's p_sample")
     ddpm.add_argument('--inception-fid', action='store_true',
                       help='also report the standard Inception FID of the final samples against the quality '
                            'reference (needs torch-fidelity and the Inception weights: a connected machine)')
@@ -103,10 +106,11 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def draw_samples(diffusion, model, n, seed, sampler='ddpm', steps=None, progress=True):
+def draw_samples(diffusion, model, n, seed, sampler='ddpm', steps=None, progress=True, clip=False):
     """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took.
 
-    sampler 'ddpm': the ancestral chain over all T steps; 'ddim': DDIM (eta=0) over `steps` of them."""
+    sampler 'ddpm': the ancestral chain over all T steps; 'ddim': DDIM (eta=0) over `steps` of them; clip: each
+    step's predicted x_0 clipped to [-1, 1] (DiffusionSchedule.p_sample_clipped, ddim_sample's clip_denoised)."""
     model.eval()
     devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
     shape = (n, ddpm_solution.input_channels, ddpm_solution.image_size, ddpm_solution.image_size)
@@ -114,16 +118,17 @@ def draw_samples(diffusion, model, n, seed, sampler='ddpm', steps=None, progress
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         if sampler == 'ddim':
-            x = diffusion.ddim_sample(model, shape, steps=steps, progress=progress)
+            x = diffusion.ddim_sample(model, shape, steps=steps, progress=progress, clip_denoised=clip)
         else:
-            x = diffusion.sample(model, shape, progress=progress)
+            x = diffusion.sample(model, shape, progress=progress, clip_denoised=clip)
         if x.is_cuda:
             torch.cuda.synchronize()
     return x, time.perf_counter() - t0
 
 
-def sampler_name(sampler, steps, timesteps):
-    return f'DDIM, {steps} steps' if sampler == 'ddim' else f'DDPM, T={timesteps} steps'
+def sampler_name(sampler, steps, timesteps, clip=False):
+    name = f'DDIM, {steps} steps' if sampler == 'ddim' else f'DDPM, T={timesteps} steps'
+    return name + (', x0 clipped to [-1, 1]' if clip else '')
 
 
 @torch.no_grad()
@@ -282,7 +287,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
                             extra={'order_rng': order_rng.get_state(), 'figures': figures,
                                    'sample_seconds': sample_seconds, 'mid_epoch': mid_epoch,
                                    'ema': ema.state_dict() if ema is not None else None})
-    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps)
+    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
 
     # ---- training loop
@@ -315,7 +320,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
             row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
             if epoch % args.sample_every == 0 or epoch == args.epochs:
                 samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                                       args.sampler, args.sample_steps)
+                                                       args.sampler, args.sample_steps, clip=args.clip_denoised)
                 row['sample_seconds'] = sample_seconds
                 figures['2.2b'].append(save_image_grid(
                     samples, run.file(f'2.2b_samples_epoch{epoch:03d}.png'),
@@ -333,7 +338,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
     epoch = rows[-1]['epoch']
     if samples is None:   # resumed after the last epoch: its samples were not kept
         samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                               args.sampler, args.sample_steps)
+                                               args.sampler, args.sample_steps, clip=args.clip_denoised)
     figures['2.2a'] = [save_time_figure(
         [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.file('2.2a_training_time.png'),
         f'DDPM training wall-clock time on {config["device_name"]} ({len(train_x)} SVHN images per epoch)',
@@ -365,7 +370,8 @@ def train(args, command='python train_ddpm.py', ranks=None):
         if name == args.sampler and steps == (args.timesteps if name == 'ddpm' else args.sample_steps):
             images, seconds = samples, sample_seconds   # the figure's own samples
         else:
-            images, seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed, name, steps)
+            images, seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed, name, steps,
+                                           clip=args.clip_denoised)
         samplers[f'{name}_{steps}'] = dict(seconds=seconds, **digit_quality(digit_net, images, reference))
     figures['2.2d'] = [save_final_samples(run, samples, epoch, sampler, vae_info, quality, len(reference))]
 
@@ -380,7 +386,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
                    **{prefix + k: v for prefix, scores in quality.items() for k, v in scores.items()},
                    quality_samples=len(samples), quality_reference=len(reference),
                    digit_net_test_accuracy=digit_info['test_accuracy'], samplers=samplers,
-                   sampler=sampler, ema_decay=args.ema_decay,
+                   sampler=sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,
                    ema_updates=int(ema.n_averaged) if ema is not None else 0,
                    device=config['device_name'])
     run.write_summary('ddpm', figures, metrics)

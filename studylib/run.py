@@ -109,7 +109,7 @@ def _as_tuples(x):
 RESUMABLE_FLAGS = frozenset({
     'epochs', 'resume', 'out_dir', 'data_dir', 'no_download', 'device', 'checkpoint_every', 'allow_nan', 'amp',
     'compile', 'workers', 'loader', 'inception_fid', 'compare_vae', 'sample_every', 'num_samples', 'sampler',
-    'sample_steps', 't_primes', 'll_k', 'profile_per_class', 'experiment',
+    'sample_steps', 'clip_denoised', 't_primes', 'll_k', 'profile_per_class', 'experiment',
 })
 
 _LOCKS = {}   # folder -> open lock file of this process: the kernel releases them when it exits, however it exits

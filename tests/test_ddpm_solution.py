@@ -690,3 +690,72 @@ def test_fix_experiment_seed_reproducible():
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The clipped-x0 ancestral step (DiffusionSchedule.p_sample_clipped), an option beside the template's p_sample.
+
+class PointEpsModel(nn.Module):
+    """The exact noise predictor for data that is the single point x*: eps = (x - sqrt(abar_t) x*) / sqrt(1-abar_t),
+    so that the predicted x_0 is x* at every t."""
+
+    def __init__(self, x_star, abar):
+        super().__init__()
+        self.x_star, self.abar = x_star, abar
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        a = self.abar[t].view(-1, *([1] * (x.dim() - 1)))
+        return (x - a.sqrt() * self.x_star) / (1 - a).sqrt()
+
+
+def _abar64():
+    """The module's own (float32) abar in float64, so that the model and the sampler agree on x0_hat exactly."""
+    return D.alphas_cumprod.double()
+
+
+@pytest.mark.parametrize('i', [0, 1, 10, 500, 999])
+def test_clipped_step_equals_p_sample_when_x0_is_in_range(i):
+    """With x0_hat inside [-1, 1] the clip does nothing, and the x_0-form mean (DDPM eq. 7) is p_sample's eps-form
+    mean (eq. 11): same output from the same noise. Catches swapped posterior coefficients, abar_t for abar_{t-1},
+    a missing sqrt(alpha_t), noise at t_index 0."""
+    sched = D.DiffusionSchedule(1000)
+    x_star = torch.rand(1, 3, 4, 4, dtype=torch.float64) * 1.6 - 0.8
+    model = PointEpsModel(x_star, _abar64())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    t = torch.full((2,), i)
+    torch.manual_seed(1)
+    plain = sched.p_sample(model, x, t, i)
+    torch.manual_seed(1)
+    clipped = sched.p_sample_clipped(model, x, t, i)
+    # The two forms are equal in exact arithmetic; the float32 schedule holds 1 - abar_t to 2^-24 / beta_1 = 6e-4
+    # relative, and the forms weight that rounding differently: 2e-3 (the bugs named above are O(1)).
+    torch.testing.assert_close(clipped, plain, rtol=2e-3, atol=1e-3)
+
+
+def test_clipped_step_clamps_x0_and_lands_in_range():
+    """Data at 3 (outside [-1, 1]): p_sample's last step returns x* = 3, the clipped one returns 1; its mean at an
+    inner step is the posterior mean of eq. 7 with x0 = 1, written out here; a whole clipped chain ends inside
+    [-1, 1] while the template's ends at 3."""
+    sched = D.DiffusionSchedule(1000)
+    abar = _abar64()
+    x_star = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)
+    model = PointEpsModel(x_star, abar)
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    zero = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(sched.p_sample(model, x, zero, 0), torch.full_like(x, 3.0), rtol=2e-3, atol=0)
+    # at t_index 0 the mean is x0c * beta_1 / (1 - abar_1): 1 up to the float32 rounding of 1 - abar_1 (6e-4)
+    torch.testing.assert_close(sched.p_sample_clipped(model, x, zero, 0), torch.ones_like(x), rtol=2e-3, atol=0)
+    i = 300
+    beta = float(D.betas[i])
+    expected = (beta * abar[i - 1].sqrt() * 1.0 + (1 - abar[i - 1]) * math.sqrt(1 - beta) * x) / (1 - abar[i])
+    torch.testing.assert_close(sched.p_sample_clipped(model, x, torch.full((2,), i), 0), expected,
+                               rtol=2e-3, atol=1e-4)
+
+    small = D.DiffusionSchedule(50)
+    model50 = PointEpsModel(x_star.float(), small.alphas_cumprod)
+    torch.manual_seed(0)
+    out = small.sample(model50, (4, 1, 2, 2), clip_denoised=True)
+    assert out.abs().max() <= 1.0 + 1e-5
+    torch.manual_seed(0)
+    assert small.sample(model50, (4, 1, 2, 2)).min() > 2.5

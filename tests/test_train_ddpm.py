@@ -219,3 +219,12 @@ def test_inception_fid_without_its_weights_fails_before_training(data_dir, tmp_p
         train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(tmp_path / 'fid'), '--timesteps', '10',
                          '--inception-fid', *TINY])
     assert exc.value.code == 2 and not (tmp_path / 'fid').exists()
+
+
+def test_clip_denoised_sampler_option(tiny_svhn, tmp_path):
+    """--clip-denoised runs every sampler of the run with x_0 clipped and says so in the figures' sampler name."""
+    metrics = train_ddpm.main(['--data-dir', tiny_svhn, '--out-dir', str(tmp_path / 'run'), '--no-download',
+                               '--device', 'cpu', '--epochs', '1', '--batch-size', '16', '--num-samples', '2',
+                               '--timesteps', '60', '--t-primes', '5,10', '--limit-test', '16', '--clip-denoised'])
+    assert metrics['clip_denoised'] is True and 'x0 clipped' in metrics['sampler']
+    assert set(metrics['samplers']) == {'ddpm_60', 'ddim_50'}
