@@ -20,12 +20,13 @@ import torch
 
 import ddpm_solution
 import q3_solution
-import vae_solution
+import train_ddpm
+import train_simsiam
+import train_vae
 from studylib.augment import SimSiamAugment
 from studylib.benchmarks import measure_pipelines
 from studylib.cli import HelpFormatter, positive_int, user_errors
 from studylib.run import device_description, pick_device
-from studylib.speed import autocast, optimizer_kwargs, prepare_model
 
 BATCH = 64           # the training-step batch of every model (the peers' comparison batch too)
 SAMPLE_BATCH = 16    # the sampling batch
@@ -79,46 +80,37 @@ def reset_peak(device):
 # ------------------------------------------------------------------------------------------- the training steps
 
 def vae_step(device, amp):
-    model = vae_solution.VAE(z_dim=32, device=device).to(device)
-    step_model = prepare_model(model, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **optimizer_kwargs(device))
+    """The driver's VAE step (train_vae.build / train_step): reparameterisation noise passed in, as it trains."""
+    model_config = dict(in_channels=3, encoder_features=train_vae.FEATURES, decoder_features=train_vae.FEATURES,
+                        z_dim=train_vae.Z_DIM, input_size=32)
+    _, step_model, optimizer = train_vae.build(model_config, train_vae.LR, device)
     x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1
-
-    def step():
-        with autocast(device, amp):
-            _, nll, kl = step_model(x)
-            loss = (nll + kl).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    eps = torch.randn(BATCH, train_vae.Z_DIM, device=device)
+    return lambda: train_vae.train_step(step_model, optimizer, x, eps, amp)
 
 
 def ddpm_parts(device):
-    model = ddpm_solution.Unet(dim=32, channels=3, dim_mults=(1, 2, 4, 8)).to(device)
-    diffusion = ddpm_solution.DiffusionSchedule().to(device)
-    return model, diffusion
+    model_config = dict(dim=train_ddpm.DIM, channels=3, dim_mults=list(train_ddpm.DIM_MULTS))
+    diffusion_config = dict(timesteps=train_ddpm.TIMESTEPS, beta_start=ddpm_solution.beta_start,
+                            beta_end=ddpm_solution.beta_end)
+    return train_ddpm.build(model_config, diffusion_config, train_ddpm.LR, device)
 
 
 def ddpm_step(device, amp):
-    model, diffusion = ddpm_parts(device)
-    step_model = prepare_model(model, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **optimizer_kwargs(device))
+    """The driver's DDPM step (train_ddpm.build / train_step): t and the noise drawn per step, as it trains."""
+    _, step_model, diffusion, optimizer = ddpm_parts(device)
     x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1
 
     def step():
         t = diffusion.t_sample(BATCH, device)
-        with autocast(device, amp):
-            loss = diffusion.p_losses(step_model, x, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        noise = torch.randn_like(x)
+        train_ddpm.train_step(step_model, diffusion, optimizer, x, t, noise, amp)
     return step
 
 
 def ddpm_sample_step(device):
     """One reverse step of the exact DDPM sampler on a batch of 16 (the unit of DDPM-1000's cost)."""
-    model, diffusion = ddpm_parts(device)
+    model, _, diffusion, _ = ddpm_parts(device)
     model.eval()
     x = torch.randn(SAMPLE_BATCH, 3, 32, 32, device=device)
     t = torch.full((SAMPLE_BATCH,), 500, device=device, dtype=torch.long)
@@ -129,22 +121,18 @@ def ddpm_sample_step(device):
     return step, model, diffusion
 
 
-def simsiam_step(device, amp, images):
-    """One SimSiam step on two views of a batch (views made once: the pipeline is timed on its own)."""
-    model = q3_solution.SimSiam(q3_solution.cifar_resnet18, dim=2048, pred_dim=512).to(device)
-    step_model = prepare_model(model, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4,
-                                **optimizer_kwargs(device))
-    x1, x2 = SimSiamAugment().two_views(images[:BATCH].to(device))
+def simsiam_settings():
+    return dict(arch='cifar_resnet18', pred_dim=train_simsiam.PRED_DIM, stop_grad=True, predictor='mlp',
+                dim=train_simsiam.DIM)
 
-    def step():
-        with autocast(device, amp):
-            p1, p2, z1, z2 = step_model(x1, x2)
-        loss = model.loss(p1.float(), p2.float(), z1.float(), z2.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step, x1, x2
+
+def simsiam_step(device, amp, images):
+    """The driver's SimSiam step (train_simsiam.build / train_step: the predictor's lr in its own group) on two
+    views of a batch (views made once: the pipeline is timed on its own)."""
+    model, step_model, optimizer = train_simsiam.build(simsiam_settings(), train_simsiam.BASE_LR * BATCH / 256,
+                                                       device)
+    x1, x2 = SimSiamAugment().two_views(images[:BATCH].to(device))
+    return lambda: train_simsiam.train_step(model, step_model, optimizer, x1, x2, amp), x1, x2
 
 
 # ------------------------------------------------------------------------------------------------------ the peers

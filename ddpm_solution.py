@@ -1,7 +1,7 @@
 """Problem 2: a Denoising Diffusion Probabilistic Model (Ho, Jain & Abbeel, 2020) for 32x32 RGB images.
 
 Self-contained solution module: it imports only the standard library, numpy, torch and tqdm, so a course
-autograder can import it alone. Names, arguments and return values follow the assignment template (SPEC.md).
+autograder can import it alone. Names, arguments and return values follow the assignment template (docs/api.md).
 Images are (B, 3, 32, 32) tensors scaled to [-1, 1].
 
     forward process  q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I)                    (DDPM eq. 4)

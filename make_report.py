@@ -2,7 +2,7 @@
 
     python make_report.py plots/vae plots/ddpm plots/ddpm-compare plots/ddpm-probe plots/simsiam --out plots/report.pdf
 
-Reads only each run folder's summary.json (SPEC.md, "The run folder") and the written answers in
+Reads only each run folder's summary.json (docs/api.md) and the written answers in
 report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
 summary's "model" (vae, ddpm, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its "metrics" and FORMAT is
 an optional Python format spec, so the text never drifts from the runs. A run that was not given shows as
@@ -47,9 +47,9 @@ HOW_TO_RUN = {
     'vae': 'python train_vae.py --out-dir runs/vae',
     'ddpm': 'python train_ddpm.py --compare-vae runs/vae --out-dir runs/ddpm',
     'ddpm-compare': 'python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500, the same with --timesteps 1500 '
-                    '--out-dir runs/ddpm-T1500, then python -m studylib.compare runs/ddpm-T500 runs/ddpm '
+                    '--out-dir runs/ddpm-T1500, then python compare_ddpm.py runs/ddpm-T500 runs/ddpm '
                     'runs/ddpm-T1500 --out-dir runs/ddpm-compare',
-    'ddpm-probe': 'python -m studylib.probe --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe',
+    'ddpm-probe': 'python probe_ddpm.py --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe',
     'simsiam': 'python train_simsiam.py --experiment all --out-dir runs/simsiam',
 }
 RUN_TITLES = {'vae': 'VAE run', 'ddpm': 'DDPM run', 'ddpm-compare': '2.3a: DDPM runs against T',

@@ -2,7 +2,7 @@
 
 Self-contained solution module: it imports only the standard library, numpy and torch (torchvision only inside
 `cifar_resnet18`, so that importing this module stays fast), so a course autograder can import it alone. Names,
-arguments and return values follow the assignment template (SPEC.md).
+arguments and return values follow the assignment template (docs/api.md).
 
 Two augmented views x1, x2 of one image go through the same encoder f (backbone + projection MLP) and a
 prediction MLP h (paper Fig. 1, Sec. 3):

@@ -2,7 +2,7 @@
 
     python train_ddpm.py                                  # the assignment: T=1000, 30 epochs, Adam 1e-4, batch 64
     python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500      # the 2.3a study: T=500 and T=1500
-    python -m studylib.compare runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
+    python compare_ddpm.py runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
 
 Figures (question ids of the seed): 2.2a training and sampling time, 2.2b samples during training, 2.2c the t'
 sweep (test images noised to t' and restored by the reverse process from t'), 2.2d final samples (beside the VAE's
@@ -16,6 +16,7 @@ from its cache, studylib.digit_net.cache_dir()) before the DDPM trains, so that 
 import argparse
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -25,17 +26,29 @@ import ddpm_solution
 from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import load_split, to_unit_range
-from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.digit_net import digit_quality, inception_fd, load_or_train
+from studylib.dist import check_batch, setup, wrap
+from studylib.plots import pyplot, save_image_grid, save_time_figure
 from studylib.quality import psnr
-from studylib.dist import check_batch, open_run_ranked, setup, wrap
-from studylib.loop import EpochLoop, resume_point
+from studylib.run import make_config, seed_everything, time_metrics
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
 from studylib.trained import load_vae
-from studylib.run import restore, seed_everything, time_metrics
+from studylib.trainer import TrainingRun
 
-SWEEP_IMAGES = 8
-QUALITY_REFERENCE = 2000   # test images the sample-quality measure compares against
+# ---- hyperparameters: the assignment's (starred ones are flags, these are their defaults) ----------------------------
+EPOCHS = 30                                  # * passes over the training set
+BATCH_SIZE = ddpm_solution.train_batch_size  # * images per optimizer step (64)
+LR = ddpm_solution.lr                        # * Adam step size (1e-4); Adam's betas and eps are torch's defaults
+TIMESTEPS = ddpm_solution.T                  # * diffusion steps T (1000); betas linear from 1e-4 to 0.02
+DIM, DIM_MULTS = 32, (1, 2, 4, 8)            # U-Net base channels and their multiplier per resolution (the template's)
+EMA_DECAY = 0.995                            # * weight EMA per step (a horizon of ~200 steps); 0 = none
+SAMPLE_EVERY = 5                             # * epochs between the 2.2b sample grids
+NUM_SAMPLES = 64                             # * images per sampled batch (figures, timing, quality)
+SWEEP_IMAGES = 8                             # test images noised and restored in the 2.2c sweep
+QUALITY_REFERENCE = 2000                     # test images the sample-quality measure compares against
+HYPERPARAMETERS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, timesteps=TIMESTEPS, dim=DIM,
+                       dim_mults=list(DIM_MULTS), ema_decay=EMA_DECAY, sample_every=SAMPLE_EVERY,
+                       num_samples=NUM_SAMPLES, sweep_images=SWEEP_IMAGES, quality_reference=QUALITY_REFERENCE)
 
 
 def parse_t_primes(text):
@@ -55,14 +68,13 @@ def default_t_primes(timesteps):
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm', epochs=30,
-                         batch_size=ddpm_solution.train_batch_size, lr=ddpm_solution.lr)
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm', epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
     ddpm = parser.add_argument_group('DDPM study')
-    ddpm.add_argument('--timesteps', type=positive_int, default=ddpm_solution.T,
+    ddpm.add_argument('--timesteps', type=positive_int, default=TIMESTEPS,
                       help='diffusion steps T (linear betas from 1e-4 to 0.02 whatever T is)')
-    ddpm.add_argument('--sample-every', type=positive_int, default=5,
+    ddpm.add_argument('--sample-every', type=positive_int, default=SAMPLE_EVERY,
                       help='save the 2.2b samples every N epochs (and after the last)')
-    ddpm.add_argument('--num-samples', type=positive_int, default=64,
+    ddpm.add_argument('--num-samples', type=positive_int, default=NUM_SAMPLES,
                       help='images per sampled batch (2.2b, 2.2d, sampling time, quality)')
     ddpm.add_argument('--t-primes', type=parse_t_primes, default=None, metavar='T1,T2,...',
                       help="noise levels t' (0-based step indices < T) of the 2.2c sweep; "
@@ -71,7 +83,7 @@ def parse_args(argv=None):
                            "PSNR of unrelated test-image pairs")
     ddpm.add_argument('--compare-vae', default=None, metavar='RUN_DIR',
                       help='a train_vae.py run folder: its samples are shown beside the DDPM ones in 2.2d')
-    ddpm.add_argument('--ema-decay', type=float, default=0.995,
+    ddpm.add_argument('--ema-decay', type=float, default=EMA_DECAY,
                       help='exponential moving average of the weights, updated every step; samples and the t\' '
                            'sweep use it (0 = sample from the raw weights)')
     ddpm.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddpm',
@@ -192,28 +204,44 @@ def save_sweep_figures(run, x0, noised, restored, t_primes, t_star, threshold, c
     return [grid, curve], noised_psnr, restored_psnr
 
 
+@dataclass
+class Quality:
+    """studylib.digit_net's scores of the DDPM's samples, of as many training images (the calibration) and, with
+    --compare-vae, of the VAE's samples, each against the same test images."""
+    ddpm: dict
+    reference: dict
+    vae: dict = None
+    vae_samples: torch.Tensor = None
+    vae_epoch: int = None
+
+    def metrics(self):
+        """Flat summary.json keys: digit_fd, reference_digit_fd, vae_digit_fd, ..."""
+        groups = [('', self.ddpm), ('reference_', self.reference)] + ([('vae_', self.vae)] if self.vae else [])
+        return {prefix + k: v for prefix, scores in groups for k, v in scores.items()}
+
+
 def quality_line(scores):
     return f'digit FD {scores["digit_fd"]:.1f}, confidence {scores["digit_confidence"]:.2f}'
 
 
-def save_final_samples(run, samples, epoch, sampler, vae, quality, n_reference):
+def save_final_samples(run, samples, epoch, sampler, quality, n_reference):
     """2.2d: the final DDPM samples, beside the VAE's when a VAE is given, each titled with its measured quality."""
     n = len(samples)
     calibration = (f'digit FD: Frechet distance of DigitNet features to {n_reference} test images (lower is better); '
-                   f'for calibration, {n} training images score {quality_line(quality["reference_"])}.')
-    if vae is None:
+                   f'for calibration, {n} training images score {quality_line(quality.reference)}.')
+    if quality.vae is None:
         return save_image_grid(samples, run.file('2.2d_final_samples.png'),
                                f'{n} DDPM samples after {epoch} epochs ({sampler})\n'
-                               f'{quality_line(quality[""])}\n{calibration}')
+                               f'{quality_line(quality.ddpm)}\n{calibration}')
     plt = pyplot()
     from studylib.plots import grid_array
-    vae_model, vae_epoch, vae_samples = vae
     nrow = math.ceil(math.sqrt(n))
     fig, axes = plt.subplots(1, 2, figsize=(11, 6.8))
-    for ax, images, name, key in [(axes[0], samples, f'DDPM, epoch {epoch} ({sampler})', ''),
-                                  (axes[1], vae_samples, f'VAE, epoch {vae_epoch} (decoder mean)', 'vae_')]:
+    for ax, images, name, scores in [
+            (axes[0], samples, f'DDPM, epoch {epoch} ({sampler})', quality.ddpm),
+            (axes[1], quality.vae_samples, f'VAE, epoch {quality.vae_epoch} (decoder mean)', quality.vae)]:
         ax.imshow(grid_array(images, nrow), interpolation='nearest')
-        ax.set_title(f'{name}\n{quality_line(quality[key])}', fontsize=10)
+        ax.set_title(f'{name}\n{quality_line(scores)}', fontsize=10)
         ax.axis('off')
     fig.suptitle(f'{n} samples from each model, trained on the same SVHN images', fontsize=11)
     fig.text(0.5, 0.02, calibration, ha='center', fontsize=8.5)
@@ -224,14 +252,40 @@ def save_final_samples(run, samples, epoch, sampler, vae, quality, n_reference):
     return path
 
 
-def train(args, command='python train_ddpm.py', ranks=None):
-    # ---- setup (under torchrun every rank seeds alike: they draw the same global batches, studylib.dist)
-    ranks = ranks or setup(args.device)
-    device = ranks.device
-    seed_everything(args.seed)
-    vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
+def build(model_config, diffusion_config, lr, device, ranks=None, compile_model=False):
+    """The U-Net, the module its training step calls (laid out, data-parallel under torchrun, compiled when asked),
+    the diffusion schedule and Adam: (model, step_model, diffusion, optimizer). bench.py times the same."""
+    model = ddpm_solution.Unet(**model_config).to(device)
+    step_model = prepare_model(model, device, compile_model, wrap=lambda m: wrap(m, ranks))
+    diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **optimizer_kwargs(device))
+    return model, step_model, diffusion, optimizer
 
-    # ---- data first: a missing file must fail in seconds, before the run folder is touched
+
+def train_step(step_model, diffusion, optimizer, x, t, noise, amp, loss_scale=1.0):
+    """One optimizer step on the Huber loss between the drawn noise and the U-Net's prediction of it at x_t
+    (q_sample of x with t and noise given): the loss. loss_scale weights this rank's share (studylib.loop)."""
+    with autocast(x.device, amp):
+        loss = diffusion.p_losses(step_model, x, t, noise)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_scale).backward()
+    optimizer.step()
+    return loss
+
+
+def make_ema(model, decay, state=None):
+    """The EMA of the weights that samples (Ho et al. 2020), or None for decay 0. It starts as a copy of the
+    weights; `state` (a checkpoint's) is loaded when given: a checkpoint without one resumes with that copy."""
+    if decay <= 0:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if state is not None:
+        ema.load_state_dict(state)
+    return ema
+
+
+def load_data(args, ranks):
+    """The SVHN images as uint8 tensors, checked against every flag that needs images, before any writing."""
     train_x, _ = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
     test_x, _ = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     if args.batch_size > len(train_x):
@@ -242,127 +296,114 @@ def train(args, command='python train_ddpm.py', ranks=None):
     if args.inception_fid:   # fail now, not after hours of training, when torch-fidelity or the weights are missing
         few = to_unit_range(test_x[:4])
         inception_fd(few[:2], few[2:])
+    return train_x, test_x
 
-    # the quality measure's classifier now, not after hours of training: a corrupt cache fails in seconds
+
+def train(args, command='python train_ddpm.py', ranks=None):
+    # ---- setup: under torchrun every rank seeds alike and draws the same global batches (studylib.dist)
+    ranks = ranks or setup(args.device)
+    device = ranks.device
+    seed_everything(args.seed)
+    vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
+
+    # ---- data first, and the quality measure's classifier: a problem with either fails in seconds
+    train_x, test_x = load_data(args, ranks)
     digit_net = load_or_train(args.data_dir, device, not args.no_download) if ranks.is_main else None
-
-    model_config = dict(dim=ddpm_solution.image_size, channels=ddpm_solution.input_channels, dim_mults=[1, 2, 4, 8])
+    model_config = dict(dim=DIM, channels=ddpm_solution.input_channels, dim_mults=list(DIM_MULTS))
     diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
                             beta_end=ddpm_solution.beta_end)
-    run, config, ckpt = open_run_ranked(ranks, args, 'ddpm', {**model_config, **diffusion_config}, command)
+    config = make_config(args, 'ddpm', {**model_config, **diffusion_config}, device, command, HYPERPARAMETERS)
+    run = TrainingRun(ranks, args.out_dir, config, args.resume, seed=args.seed, epochs=args.epochs,
+                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, allow_nan=args.allow_nan)
 
-    # ---- model, diffusion and optimizer
-    model = ddpm_solution.Unet(**model_config).to(device)
-    # the same weights, laid out, data-parallel under torchrun and compiled for speed
-    step_model = prepare_model(model, device, args.compile, wrap=lambda m: wrap(m, ranks))
-    amp = use_amp(args, device)
-    diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
+    # ---- model, diffusion, optimizer and the EMA that samples
+    model, step_model, diffusion, optimizer = build(model_config, diffusion_config, args.lr, device, ranks,
+                                                    args.compile)
+    amp = use_amp(args.amp, device)
+    state = run.resume(model, optimizer, figures={'2.2b': []}, sample_seconds=None, ema=None)
+    ema = make_ema(model, args.ema_decay, state['ema'])
+    state['ema'] = ema.state_dict if ema is not None else None   # called at each save
+    sample_model = ema.module if ema is not None else model
+    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
     print(f'U-Net: {sum(p.numel() for p in model.parameters()):,} parameters; T={args.timesteps}; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
-
-    order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
-    figures = {'2.2b': []}
-    samples = sample_seconds = None
-    start_epoch, mid = resume_point(ckpt)
-    if ckpt is not None:
-        restore(ckpt, model, optimizer)
-        order_rng.set_state(ckpt['extra']['order_rng'])
-        figures, sample_seconds = ckpt['extra']['figures'], ckpt['extra']['sample_seconds']
-        print(f'resumed from {run.checkpoint_path} at epoch {start_epoch}, step {mid["step"] if mid else 0}')
-    # EMA of the weights (Ho et al. 2020 sample from one): it starts as a copy of the weights, and a checkpoint of
-    # a run without one (--ema-decay 0, or older code) resumes with that copy.
-    ema = None
-    if args.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-        if ckpt is not None and ckpt['extra'].get('ema') is not None:
-            ema.load_state_dict(ckpt['extra']['ema'])
-    sample_model = ema.module if ema is not None else model
-
-    def save(epoch, mid_epoch=None):
-        if not ranks.is_main:
-            return
-        run.save_checkpoint(model_name='ddpm', model_config={**model_config, **diffusion_config}, model=model,
-                            optimizer=optimizer, epoch=epoch,
-                            extra={'order_rng': order_rng.get_state(), 'figures': figures,
-                                   'sample_seconds': sample_seconds, 'mid_epoch': mid_epoch,
-                                   'ema': ema.state_dict() if ema is not None else None})
-    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
+    samples = None
 
     # ---- training loop
-    for epoch in tqdm(range(start_epoch, args.epochs + 1), desc='epochs', initial=start_epoch - 1,
-                      total=args.epochs):
+    for epoch in run.epochs():
         model.train()
-        epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=1, mid=mid,
-                               checkpoint_every=args.checkpoint_every, save=lambda state: save(epoch - 1, state),
-                               allow_nan=args.allow_nan, ranks=ranks)
-        for idx in epoch_loop:
+        loop = run.epoch_loop(epoch, len(train_x), num_sums=1)
+        for idx in loop:
             x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
             # t and the noise are drawn for the whole global batch; this rank keeps its rows (studylib.dist)
-            t = diffusion.t_sample(epoch_loop.global_batch, device)[epoch_loop.part]          # (B,) in {0..T-1}
-            noise = torch.randn((epoch_loop.global_batch, *x.shape[1:]), device=device)[epoch_loop.part]
-            with autocast(device, amp):
-                loss = diffusion.p_losses(step_model, x, t, noise)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * epoch_loop.loss_scale).backward()
-            optimizer.step()
+            t = diffusion.t_sample(loop.global_batch, device)[loop.part]                  # (B,) in {0..T-1}
+            noise = torch.randn((loop.global_batch, *x.shape[1:]), device=device)[loop.part]
+            loss = train_step(step_model, diffusion, optimizer, x, t, noise, amp, loop.loss_scale)
             if ema is not None:
                 ema.update_parameters(model)
-            epoch_loop.record(loss, loss.detach().view(1) * len(idx))
-        loss_sum, seconds = epoch_loop.finish()
-        train_loss = float(loss_sum) / epoch_loop.images   # read once per epoch: no host sync per step
-        mid = None
-
-        with epoch_loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+            loop.record(loss, loss.detach().view(1) * len(idx))
+        loss_sum, seconds = loop.finish()
+        with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
             if not ranks.is_main:   # rank 0 alone samples, writes the log, the figures and the checkpoint
                 continue
-            row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
+            row = dict(epoch=epoch, train_loss=float(loss_sum) / loop.images, seconds=seconds)
             if epoch % args.sample_every == 0 or epoch == args.epochs:
-                samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                                       args.sampler, args.sample_steps, clip=args.clip_denoised)
-                row['sample_seconds'] = sample_seconds
-                figures['2.2b'].append(save_image_grid(
-                    samples, run.file(f'2.2b_samples_epoch{epoch:03d}.png'),
+                samples, row['sample_seconds'] = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
+                                                              args.sampler, args.sample_steps, clip=args.clip_denoised)
+                state['sample_seconds'] = row['sample_seconds']
+                state['figures']['2.2b'].append(save_image_grid(
+                    samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
                     f'Samples after epoch {epoch} ({sampler}, same seed every time'
                     + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
-            run.log_metrics(row)
-            tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
-                       + (f', sampling {sample_seconds:.1f} s' if 'sample_seconds' in row else ''))
-            save(epoch)
-
-    # ---- final figures and metrics (rank 0 alone)
+            run.folder.log_metrics(row)
+            tqdm.write(f'epoch {epoch}: loss {row["train_loss"]:.4f}, {seconds:.1f} s'
+                       + (f', sampling {row["sample_seconds"]:.1f} s' if 'sample_seconds' in row else ''))
+            run.save(epoch)
     if not ranks.is_main:
         return None
-    rows = run.read_metrics()
-    epoch = rows[-1]['epoch']
-    if samples is None:   # resumed after the last epoch: its samples were not kept
-        samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                               args.sampler, args.sample_steps, clip=args.clip_denoised)
-    figures['2.2a'] = [save_time_figure(
-        [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.file('2.2a_training_time.png'),
-        f'DDPM training wall-clock time on {config["device_name"]} ({len(train_x)} SVHN images per epoch)',
-        note=f'sampling one batch of {args.num_samples} images ({sampler}): {sample_seconds:.1f} s')]
+    return final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x)
 
+
+@dataclass
+class Sweep:
+    """The 2.2c result: t* and the PSNRs it is chosen from, and the two figures."""
+    t_star: int
+    threshold: float
+    chance: float
+    restored_psnr: list
+    noised_psnr: list
+    figures: list
+
+
+def restoration_sweep(args, run, diffusion, model, test_x, epoch):
+    """2.2c: test images noised to each t' and restored from t'; t* where the restorations lose half their
+    fidelity (see choose_t_star)."""
     x0 = to_unit_range(test_x[:SWEEP_IMAGES])
-    noised, restored = t_prime_sweep(diffusion, sample_model, x0, args.t_primes, args.seed)
+    noised, restored = t_prime_sweep(diffusion, model, x0, args.t_primes, args.seed)
     chance = float(psnr(x0, to_unit_range(test_x[SWEEP_IMAGES:2 * SWEEP_IMAGES])).mean())
     restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
     t_star, threshold = choose_t_star(args.t_primes, restored_psnr, chance)
-    figures['2.2c'], noised_psnr, _ = save_sweep_figures(run, x0, noised, restored, args.t_primes, t_star,
-                                                         threshold, chance, epoch, args.timesteps)
+    figures, noised_psnr, _ = save_sweep_figures(run.folder, x0, noised, restored, args.t_primes, t_star, threshold,
+                                                 chance, epoch, args.timesteps)
+    return Sweep(t_star, threshold, chance, restored_psnr, noised_psnr, figures)
 
-    # ---- sample quality (studylib.digit_net): every set of N images is judged against the same test images
-    digit_net, digit_info = digit_net
-    reference = to_unit_range(test_x[:QUALITY_REFERENCE])
-    quality = {'': digit_quality(digit_net, samples, reference),
-               'reference_': digit_quality(digit_net, to_unit_range(train_x[:len(samples)]), reference)}
-    vae_info = None
+
+def sample_quality(args, digit_net, samples, train_x, reference, vae):
+    """The digit measure of the samples, of as many training images and (with --compare-vae) of the VAE's."""
+    quality = Quality(ddpm=digit_quality(digit_net, samples, reference),
+                      reference=digit_quality(digit_net, to_unit_range(train_x[:len(samples)]), reference))
     if vae is not None:
         torch.manual_seed(args.seed)
-        vae_info = (vae[0], vae[1], vae[0].sample(args.num_samples))
-        quality['vae_'] = digit_quality(digit_net, vae_info[2], reference)
-    # the samplers side by side: the same noise seed, the same number of images, time and quality of each
+        quality.vae_samples, quality.vae_epoch = vae[0].sample(args.num_samples), vae[1]
+        quality.vae = digit_quality(digit_net, quality.vae_samples, reference)
+    if args.inception_fid:
+        quality.ddpm['inception_fd'] = inception_fd(samples, reference, device=samples.device)
+    return quality
+
+
+def compare_samplers(args, diffusion, model, digit_net, reference, samples, sample_seconds):
+    """DDPM-T, DDIM-50 and DDIM-100 on the same noise seed and number of images: {name: seconds and quality}."""
     samplers = {}
     for name, steps in [('ddpm', args.timesteps), ('ddim', 50), ('ddim', 100)]:
         if name == 'ddim' and steps >= args.timesteps:
@@ -370,26 +411,42 @@ def train(args, command='python train_ddpm.py', ranks=None):
         if name == args.sampler and steps == (args.timesteps if name == 'ddpm' else args.sample_steps):
             images, seconds = samples, sample_seconds   # the figure's own samples
         else:
-            images, seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed, name, steps,
+            images, seconds = draw_samples(diffusion, model, args.num_samples, args.seed, name, steps,
                                            clip=args.clip_denoised)
         samplers[f'{name}_{steps}'] = dict(seconds=seconds, **digit_quality(digit_net, images, reference))
-    figures['2.2d'] = [save_final_samples(run, samples, epoch, sampler, vae_info, quality, len(reference))]
+    return samplers
 
-    if args.inception_fid:
-        quality[''] |= {'inception_fd': inception_fd(samples, reference, device=device)}
+
+def final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x):
+    """2.2a, 2.2c, 2.2d, the sample quality and the samplers' comparison (rank 0 alone): summary.json."""
+    rows = run.folder.read_metrics()
+    epoch = rows[-1]['epoch']
+    figures, sample_seconds = state['figures'], state['sample_seconds']
+    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
+    if samples is None:   # resumed after the last epoch: its samples were not kept
+        samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
+                                               args.sampler, args.sample_steps, clip=args.clip_denoised)
+    figures['2.2a'] = [save_time_figure(
+        [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.folder.file('2.2a_training_time.png'),
+        f'DDPM training wall-clock time on {run.config["device_name"]} ({len(train_x)} SVHN images per epoch)',
+        note=f'sampling one batch of {args.num_samples} images ({sampler}): {sample_seconds:.1f} s')]
+    sweep = restoration_sweep(args, run, diffusion, sample_model, test_x, epoch)
+    figures['2.2c'] = sweep.figures
+    digit_net, digit_info = digit_net
+    reference = to_unit_range(test_x[:QUALITY_REFERENCE])
+    quality = sample_quality(args, digit_net, samples, train_x, reference, vae)
+    samplers = compare_samplers(args, diffusion, sample_model, digit_net, reference, samples, sample_seconds)
+    figures['2.2d'] = [save_final_samples(run.folder, samples, epoch, sampler, quality, len(reference))]
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
-                   final_train_loss=rows[-1]['train_loss'],
-                   **time_metrics(rows),
+                   final_train_loss=rows[-1]['train_loss'], **time_metrics(rows),
                    sample_seconds=sample_seconds, sample_batch=args.num_samples,
-                   t_star=t_star, t_star_threshold_psnr=threshold, chance_psnr=chance,
-                   t_primes=args.t_primes, restored_psnr=restored_psnr, noised_psnr=noised_psnr,
-                   **{prefix + k: v for prefix, scores in quality.items() for k, v in scores.items()},
-                   quality_samples=len(samples), quality_reference=len(reference),
+                   t_star=sweep.t_star, t_star_threshold_psnr=sweep.threshold, chance_psnr=sweep.chance,
+                   t_primes=args.t_primes, restored_psnr=sweep.restored_psnr, noised_psnr=sweep.noised_psnr,
+                   **quality.metrics(), quality_samples=len(samples), quality_reference=len(reference),
                    digit_net_test_accuracy=digit_info['test_accuracy'], samplers=samplers,
                    sampler=sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,
-                   ema_updates=int(ema.n_averaged) if ema is not None else 0,
-                   device=config['device_name'])
-    run.write_summary('ddpm', figures, metrics)
+                   ema_updates=int(ema.n_averaged) if ema is not None else 0, device=run.config['device_name'])
+    run.folder.write_summary('ddpm', figures, metrics)
     return metrics
 
 

@@ -3,10 +3,11 @@
     python train_simsiam.py --experiment all         # baseline + every variant, every figure (GPU: a few hours)
     python train_simsiam.py --experiment 3.4 --epochs 3 --limit-train 2048 --limit-test 512   # a CPU taste
 
-Two recipes (SPEC.md): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR ResNet-18 (3x3 stride-1
+Two recipes (docs/api.md): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR ResNet-18 (3x3 stride-1
 stem, no max-pool), batch 512, random-resized-crop scale (0.2, 1). `assignment` is the course template exactly:
 torchvision's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). Both: SGD momentum 0.9, weight decay 5e-4,
-lr 0.03 * batch / 256 with cosine decay per epoch (the predictor's lr kept fixed), 100 epochs.
+lr 0.03 * batch / 256 (--lr is that base rate per 256 images, as in the official code) with cosine decay per epoch
+(the predictor's lr kept fixed), 100 epochs.
 """
 import math
 import os
@@ -19,15 +20,27 @@ from tqdm import tqdm
 import q3_solution
 from q3_misc import TwoCropsTransform
 from studylib import UserError
-from studylib.cli import make_parser, positive_float, positive_int, run_main
 from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment, torchvision_pipeline
+from studylib.cli import make_parser, positive_float, positive_int, run_main
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
+from studylib.dist import Ranks, all_sum, check_batch, gather_rows, setup, sync_batchnorm, wrap
 from studylib.plots import pyplot
-from studylib.run import (RunDir, load_checkpoint, lock_dir, make_config, prepare_out_dir, read_summary,
-                          refuse_finished, restore, seed_everything, time_metrics)
-from studylib.dist import Ranks, all_sum, barrier, check_batch, gather_rows, setup, sync_batchnorm, wrap
-from studylib.loop import EpochLoop, resume_point
+from studylib.run import (RunDir, lock_dir, make_config, prepare_out_dir, read_summary, refuse_finished,
+                          seed_everything, time_metrics)
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, to_device_batch, use_amp
+from studylib.trainer import TrainingRun
+
+# ---- hyperparameters: the SimSiam paper's CIFAR setting (starred ones are flags, these are their defaults) -----------
+EPOCHS = 100                 # * passes over the training set (the paper: 800; the course notebook: 100)
+BASE_LR = 0.03               # * SGD lr per 256 images: lr = BASE_LR * batch / 256, cosine-decayed per epoch
+MOMENTUM = 0.9               # SGD momentum
+WEIGHT_DECAY = 5e-4          # SGD weight decay (L2, on every trainable weight)
+DIM, PRED_DIM = 2048, 512    # * projector output / predictor hidden dimensions (paper Sec. 4.4)
+KNN_K, KNN_T = 200, 0.1      # * kNN monitor: neighbours and temperature (Wu et al., 2018)
+PROBE_EPOCHS = 100           # full-batch epochs of the final linear probe on frozen features
+EVAL_BATCH = 1024            # images per evaluation batch (memory only, not results)
+HYPERPARAMETERS = dict(epochs=EPOCHS, base_lr=BASE_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dim=DIM,
+                       pred_dim=PRED_DIM, knn_k=KNN_K, knn_t=KNN_T, probe_epochs=PROBE_EPOCHS, eval_batch=EVAL_BATCH)
 
 RECIPES = {
     'tuned': dict(arch='cifar_resnet18', batch_size=512, crop_scale=(0.2, 1.0)),
@@ -54,16 +67,21 @@ EXPERIMENTS = {
     'all': ['baseline', 'no-stop-grad', 'identity-pred', 'fixed-random-pred', 'dim4096'],
 }
 PREDICTOR_MODES = {'mlp': None, 'identity': 'no_pred_mlp', 'fixed-random': 'fixed_random_init'}
-EVAL_BATCH = 1024
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/simsiam', epochs=100, batch_size=None, lr=None)
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/simsiam', epochs=EPOCHS, batch_size=None,
+                         lr=BASE_LR)
+    parser.set_defaults(lr=BASE_LR)
+    for action in parser._actions:   # SimSiam's --lr is the official code's: a base rate per 256 images
+        if action.dest == 'lr':
+            action.help = ('base learning rate per 256 images, as the official SimSiam --lr: the SGD lr is '
+                           'LR * batch / 256 (0.06 for the tuned recipe\'s batch 512), cosine-decayed per epoch')
     s = parser.add_argument_group('SimSiam study')
     s.add_argument('--recipe', choices=sorted(RECIPES), default='tuned',
                    help='tuned (default): CIFAR ResNet-18, batch 512, crop scale (0.2, 1); assignment: the course '
                         "template's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). --batch-size defaults "
-                        'to the recipe\'s, --lr to 0.03 * batch / 256')
+                        'to the recipe\'s')
     s.add_argument('--experiment', choices=['single', *EXPERIMENTS], default='single',
                    help='single: one configuration from the flags; 3.4: with/without stop-gradient; 3.5a: '
                         'baseline and identity predictor; 3.5b: projector 2048 and 4096; all: the baseline and '
@@ -71,10 +89,10 @@ def parse_args(argv=None):
     s.add_argument('--no-stop-grad', action='store_true', help='(single) drop the stop-gradient on z')
     s.add_argument('--predictor', choices=sorted(PREDICTOR_MODES), default='mlp',
                    help='(single) trainable MLP, identity, or a frozen random MLP')
-    s.add_argument('--dim', type=positive_int, default=2048, help='projector output dimension')
-    s.add_argument('--pred-dim', type=positive_int, default=512, help='predictor hidden dimension')
-    s.add_argument('--knn-k', type=positive_int, default=200, help='neighbours of the kNN monitor')
-    s.add_argument('--knn-t', type=positive_float, default=0.1, help='temperature of the kNN monitor')
+    s.add_argument('--dim', type=positive_int, default=DIM, help='projector output dimension')
+    s.add_argument('--pred-dim', type=positive_int, default=PRED_DIM, help='predictor hidden dimension')
+    s.add_argument('--knn-k', type=positive_int, default=KNN_K, help='neighbours of the kNN monitor')
+    s.add_argument('--knn-t', type=positive_float, default=KNN_T, help='temperature of the kNN monitor')
     s.add_argument('--loader', choices=['device', 'torchvision'], default='device',
                    help='device: the training set as one uint8 tensor on the device, both views augmented batched '
                         'there (studylib.augment); torchvision: per-image v2 transforms in a DataLoader, for '
@@ -85,8 +103,6 @@ def parse_args(argv=None):
     recipe = RECIPES[args.recipe]
     if args.batch_size is None:
         args.batch_size = recipe['batch_size']
-    if args.lr is None:
-        args.lr = 0.03 * args.batch_size / 256
     if args.workers < 0:
         parser.error('--workers must be >= 0')
     if args.batch_size < 2:
@@ -194,120 +210,133 @@ def _torchvision_resnet18(**kwargs):
     return resnet18(**kwargs)
 
 
+def build(settings, lr, device, ranks=None, compile_model=False):
+    """The SimSiam model, the module its training step calls (laid out, data-parallel under torchrun, compiled when
+    asked) and SGD with two parameter groups: the encoder's, whose lr follows the cosine schedule, and the
+    predictor's, kept at the base lr (paper Sec. 4.2, the official fix_pred_lr: the predictor adapts to the latest
+    representation). (model, step_model, optimizer); bench.py times the same."""
+    model = build_model(settings).to(device)
+    sync_batchnorm(model, ranks)   # batch statistics over the global batch under torchrun (the paper's setting)
+    step_model = prepare_model(model, device, compile_model, wrap=lambda m: wrap(m, ranks))
+    groups = [{'params': [p for p in model.encoder.parameters() if p.requires_grad], 'fix_lr': False},
+              {'params': [p for p in model.predictor.parameters() if p.requires_grad], 'fix_lr': True}]
+    groups = [g for g in groups if g['params']]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                                **optimizer_kwargs(device))
+    return model, step_model, optimizer
+
+
+def train_step(model, step_model, optimizer, x1, x2, amp):
+    """One optimizer step on the symmetric negative cosine loss of the two views (stop-gradient inside the model,
+    q3_solution.SimSiam): (loss, z1)."""
+    with autocast(x1.device, amp):
+        p1, p2, z1, z2 = step_model(x1, x2)                              # (B, dim) each
+    loss = model.loss(p1.float(), p2.float(), z1.float(), z2.float())   # the cosine loss in float32
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, z1
+
+
+def finished_metrics(args, run, name):
+    """The metrics of a configuration that --resume finds finished (its summary is enough), else None."""
+    summary = read_summary(run.path) if args.resume else None
+    if summary is None:
+        return None
+    if summary.get('model') != 'simsiam' or 'epochs' not in summary['metrics']:
+        raise UserError(f'--resume: {run.path} holds a {summary.get("model")} run, not a SimSiam '
+                        f'configuration; point --out-dir at a train_simsiam.py run')
+    if summary['metrics']['epochs'] >= args.epochs:
+        print(f'{name}: already finished in {run.path}')
+        return summary['metrics']
+    if not os.path.exists(run.checkpoint_path):
+        raise UserError(f'--resume: {run.path} finished {summary["metrics"]["epochs"]} epochs and has no '
+                        f'checkpoint to train on to --epochs {args.epochs}; rerun it in another --out-dir')
+    return None
+
+
+def two_views(args, augment, images, idx, loop, loader):
+    """The step's two augmented views of this rank's rows (idx), on the device."""
+    if args.loader == 'device':   # both views made on the device: no per-image Python, no copies
+        x = images[idx]                                                      # (B, 3, 32, 32) uint8
+        # each view's parameters are drawn for the global batch; this rank applies its rows
+        params = [augment.sample_params(loop.global_batch, *x.shape[-2:]) for _ in range(2)]
+        x1, x2 = (augment.apply(x, {k: v[loop.part] for k, v in p.items()}) for p in params)
+    else:
+        x1, x2 = (view[loop.part] for view in next(loader))                 # the global batch's views
+    return to_device_batch(x1, images.device), to_device_batch(x2, images.device)
+
+
 def train_config(args, name, data, ranks, command):
     """Train one configuration in its own run folder (resuming it if asked); returns its final metrics."""
     train_x, train_y, test_x, test_y = data
     settings = variant_settings(args, name)
-    run = RunDir(config_dir(args, name))
-    summary = read_summary(run.path) if args.resume else None
-    if summary is not None:
-        if summary.get('model') != 'simsiam' or 'epochs' not in summary['metrics']:
-            raise UserError(f'--resume: {run.path} holds a {summary.get("model")} run, not a SimSiam '
-                            f'configuration; point --out-dir at a train_simsiam.py run')
-        if summary['metrics']['epochs'] >= args.epochs:   # finished (a committed summary is enough): skipped
-            print(f'{name}: already finished in {run.path}')
-            return summary['metrics']
-        if not os.path.exists(run.checkpoint_path):
-            raise UserError(f'--resume: {run.path} finished {summary["metrics"]["epochs"]} epochs and has no '
-                            f'checkpoint to train on to --epochs {args.epochs}; rerun it in another --out-dir')
-    device = ranks.device
-    config = make_config(args, 'simsiam', settings, device, command) | {'configuration': name}
+    folder = RunDir(config_dir(args, name))
+    done = finished_metrics(args, folder, name)
+    if done is not None:
+        return done
+    device, lr = ranks.device, args.lr * args.batch_size / 256   # --lr is per 256 images (the official code)
+    config = make_config(args, 'simsiam', settings, device, command, HYPERPARAMETERS) | {'configuration': name}
     # a configuration of an experiment not started yet starts fresh; a single run must have its checkpoint
-    resume = args.resume and (args.experiment == 'single' or os.path.exists(run.checkpoint_path))
-    ckpt = run.start(config, resume) if ranks.is_main else None   # rank 0 alone writes the run folder
-    barrier(ranks)
-    if not ranks.is_main and resume:
-        ckpt = load_checkpoint(run.checkpoint_path)
-
-    model = build_model(settings).to(device)
-    sync_batchnorm(model, ranks)   # batch statistics over the global batch under torchrun (the paper's setting)
-    # the same weights, laid out, data-parallel under torchrun and compiled for speed
-    step_model = prepare_model(model, device, args.compile, wrap=lambda m: wrap(m, ranks))
-    amp = use_amp(args, device)
-    # The predictor keeps a fixed lr (paper Sec. 4.2 / the official fix_pred_lr): it adapts to the latest
-    # representation, which the paper finds helps with a cosine schedule.
-    groups = [{'params': [p for p in model.encoder.parameters() if p.requires_grad], 'fix_lr': False},
-              {'params': [p for p in model.predictor.parameters() if p.requires_grad], 'fix_lr': True}]
-    groups = [g for g in groups if g['params']]
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=5e-4, **optimizer_kwargs(device))
-    order_rng = torch.Generator().manual_seed(args.seed)
-    start_epoch, mid = resume_point(ckpt)
-    if ckpt is not None:
-        restore(ckpt, model, optimizer)
-        order_rng.set_state(ckpt['extra']['order_rng'])
-        print(f'{name}: resumed at epoch {start_epoch}, step {mid["step"] if mid else 0}')
-
-    def save(epoch, mid_epoch=None):
-        if not ranks.is_main:
-            return
-        run.save_checkpoint(model_name='simsiam', model_config=settings, model=model, optimizer=optimizer,
-                            epoch=epoch, extra={'order_rng': order_rng.get_state(), 'mid_epoch': mid_epoch})
-
+    resume = args.resume and (args.experiment == 'single' or os.path.exists(folder.checkpoint_path))
+    run = TrainingRun(ranks, folder.path, config, resume, seed=args.seed, epochs=args.epochs,
+                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, allow_nan=args.allow_nan)
+    model, step_model, optimizer = build(settings, lr, device, ranks, args.compile)
+    amp = use_amp(args.amp, device)
+    run.resume(model, optimizer)
     crop_scale = RECIPES[args.recipe]['crop_scale']
-    dev_train_x, dev_train_y = train_x.to(device), train_y.to(device)    # uint8 (N, 3, 32, 32) on the device
-    dev_test_x, dev_test_y = test_x.to(device), test_y.to(device)
-    augment = SimSiamAugment(crop_scale=crop_scale)
-    views = Views(train_x, make_augmentation(crop_scale))
+    augment, views = SimSiamAugment(crop_scale=crop_scale), Views(train_x, make_augmentation(crop_scale))
+    train_x, train_y, test_x, test_y = (t.to(device) for t in data)   # uint8 (N, 3, 32, 32) on the device
 
-    for epoch in tqdm(range(start_epoch, args.epochs + 1), desc=name, initial=start_epoch - 1,
-                      total=args.epochs):
-        lr = get_lr(epoch - 1, args.lr, args.epochs)
+    for epoch in run.epochs():
+        epoch_lr = get_lr(epoch - 1, lr, args.epochs)
         for group in optimizer.param_groups:
-            group['lr'] = args.lr if group['fix_lr'] else lr
+            group['lr'] = lr if group['fix_lr'] else epoch_lr
         model.train()
-        # loss and the std of normalised z summed over steps on the device; read once per epoch
-        epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=2, mid=mid,
-                               drop_last=True, checkpoint_every=args.checkpoint_every,
-                               save=lambda state: save(epoch - 1, state), allow_nan=args.allow_nan, ranks=ranks)
+        loop = run.epoch_loop(epoch, len(train_x), num_sums=2, drop_last=True)   # loss and z std, summed
+        loader = None
         if args.loader == 'torchvision':   # per-image transforms in worker processes, in the epoch's order
-            first = epoch_loop.start * args.batch_size
             loader = iter(torch.utils.data.DataLoader(
-                views, batch_size=args.batch_size, sampler=epoch_loop.order[first:].tolist(), drop_last=True,
-                num_workers=args.workers, pin_memory=device.type == 'cuda'))
-        for idx in epoch_loop:
-            if args.loader == 'device':   # both views made on the device: no per-image Python, no copies
-                x = dev_train_x[idx]                                               # (B, 3, 32, 32) uint8
-                # each view's parameters are drawn for the global batch; this rank applies its rows
-                params = [augment.sample_params(epoch_loop.global_batch, *x.shape[-2:]) for _ in range(2)]
-                x1, x2 = (augment.apply(x, {k: v[epoch_loop.part] for k, v in p.items()}) for p in params)
-            else:
-                x1, x2 = (view[epoch_loop.part] for view in next(loader))   # the global batch's views
-            x1, x2 = to_device_batch(x1, device), to_device_batch(x2, device)
-            with autocast(device, amp):
-                p1, p2, z1, z2 = step_model(x1, x2)                              # (B, dim) each
-            p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()     # the cosine loss in float32
-            loss = model.loss(p1, p2, z1, z2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                views, batch_size=args.batch_size, sampler=loop.order[loop.start * args.batch_size:].tolist(),
+                drop_last=True, num_workers=args.workers, pin_memory=device.type == 'cuda'))
+        for idx in loop:
+            x1, x2 = two_views(args, augment, train_x, idx, loop, loader)
+            loss, z1 = train_step(model, step_model, optimizer, x1, x2, amp)
             # Collapse indicator (paper Sec. 4.1): per-dimension std of z/||z|| over the batch, averaged;
             # about 1/sqrt(dim) for a healthy spread, 0 when every image maps to the same vector.
             collapse = F.normalize(z1.detach(), dim=1).std(dim=0, correction=0).mean()
-            epoch_loop.record(loss, torch.stack([loss.detach(), collapse]) / ranks.world)   # means over ranks
-        sums, seconds = epoch_loop.finish()
-        train_loss, z_std = (sums / len(epoch_loop)).tolist()
-        mid = None
-
-        with epoch_loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
-            knn = knn_accuracy(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y, args.knn_k, args.knn_t,
-                               ranks)
-            if not ranks.is_main:   # rank 0 alone writes the log and the checkpoint
-                continue
-            row = dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds)
-            run.log_metrics(row)
-            tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
-                       f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
-            save(epoch)
-
+            loop.record(loss, torch.stack([loss.detach(), collapse]) / ranks.world)   # means over ranks
+        sums, seconds = loop.finish()
+        with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+            end_of_epoch(args, run, model, name, settings, epoch, epoch_lr, sums / len(loop), seconds, data=(
+                train_x, train_y, test_x, test_y))
     if not ranks.is_main:
         return None
-    rows = run.read_metrics()
-    probe = linear_probe(model, dev_train_x, dev_train_y, dev_test_x, dev_test_y)
+    return final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y)
+
+
+def end_of_epoch(args, run, model, name, settings, epoch, lr, means, seconds, data):
+    """The kNN monitor (every rank: the work is split), then the log row and the checkpoint (rank 0)."""
+    knn = knn_accuracy(model, *data, args.knn_k, args.knn_t, run.ranks)
+    if not run.ranks.is_main:
+        return
+    train_loss, z_std = means.tolist()
+    run.folder.log_metrics(dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr,
+                                seconds=seconds))
+    tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
+               f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
+    run.save(epoch)
+
+
+def final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y):
+    """The linear probe on the frozen backbone and the configuration's summary.json (rank 0)."""
+    rows = run.folder.read_metrics()
+    probe = linear_probe(model, train_x, train_y, test_x, test_y, PROBE_EPOCHS)
     metrics = dict(configuration=name, epochs=rows[-1]['epoch'], final_train_loss=rows[-1]['train_loss'],
                    final_knn_top1=rows[-1]['knn_top1'], best_knn_top1=max(r['knn_top1'] for r in rows),
                    final_z_std=rows[-1]['z_std'], linear_probe_top1=probe, num_train=len(train_x),
-                   num_test=len(test_x), **time_metrics(rows), device=config['device_name'], **settings)
-    run.write_summary('simsiam', {}, metrics)
+                   num_test=len(test_x), **time_metrics(rows), device=run.config['device_name'], **settings)
+    run.folder.write_summary('simsiam', {}, metrics)
     return metrics
 
 
@@ -400,7 +429,8 @@ def train(args, command='python train_simsiam.py', ranks=None):
     names = ['single'] if args.experiment == 'single' else EXPERIMENTS[args.experiment]
     if ranks.is_main:
         check_out_dir(args, names)
-    print(f'SimSiam {args.experiment}: {names}; recipe {args.recipe}, batch {args.batch_size}, lr {args.lr:.4f}; '
+    print(f'SimSiam {args.experiment}: {names}; recipe {args.recipe}, batch {args.batch_size}, lr {args.lr} per 256 '
+          f'images ({args.lr * args.batch_size / 256:.4f}); '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
     data = (train_x, train_y, test_x, test_y)
     results = {}

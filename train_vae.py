@@ -18,26 +18,38 @@ import vae_solution
 from studylib import UserError
 from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
+from studylib.dist import check_batch, setup, sync_batchnorm, wrap
 from studylib.plots import pyplot, save_image_grid, save_time_figure
-from studylib.dist import check_batch, open_run_ranked, setup, sync_batchnorm, wrap
-from studylib.loop import EpochLoop, resume_point
+from studylib.run import make_config, seed_everything, time_metrics
 from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
-from studylib.run import restore, seed_everything, time_metrics
+from studylib.trainer import TrainingRun
 
-EVAL_BATCH = 500
+# ---- hyperparameters: the assignment's (starred ones are flags, these are their defaults) ----------------------------
+EPOCHS = 30                                  # * passes over the training set
+BATCH_SIZE = vae_solution.train_batch_size   # * images per optimizer step (64)
+LR = vae_solution.lr                         # * Adam step size (1e-4); Adam's betas and eps are torch's defaults
+Z_DIM = vae_solution.z_dim                   # * latent dimensions (32)
+FEATURES = 32                                # encoder and decoder base channels (the template's nef = ndf = 32)
+SAMPLE_EVERY = 5                             # * epochs between the 1.3b / 1.3c progress figures
+LL_K = 100                                   # * importance samples per test image for log p(x)
+PROFILE_PER_CLASS = 100                      # * training images per digit averaged in the 1.3e latent profile
+FIGURE_Z = 64                                # fixed prior draws decoded in every 1.3b grid
+EVAL_BATCH = 500                             # images per evaluation batch (memory only, not results)
+HYPERPARAMETERS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, z_dim=Z_DIM, features=FEATURES,
+                       sample_every=SAMPLE_EVERY, ll_k=LL_K, profile_per_class=PROFILE_PER_CLASS,
+                       figure_z=FIGURE_Z, eval_batch=EVAL_BATCH)
 NUM_PIXELS = 3 * 32 * 32
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/vae', epochs=30,
-                         batch_size=vae_solution.train_batch_size, lr=vae_solution.lr)
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/vae', epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
     vae = parser.add_argument_group('VAE study')
-    vae.add_argument('--z-dim', type=positive_int, default=vae_solution.z_dim, help='latent dimensions')
-    vae.add_argument('--sample-every', type=positive_int, default=5,
+    vae.add_argument('--z-dim', type=positive_int, default=Z_DIM, help='latent dimensions')
+    vae.add_argument('--sample-every', type=positive_int, default=SAMPLE_EVERY,
                      help='save the 1.3b samples and 1.3c reconstructions every N epochs (and after the last)')
-    vae.add_argument('--ll-k', type=positive_int, default=100,
+    vae.add_argument('--ll-k', type=positive_int, default=LL_K,
                      help='importance samples per test image for the final log-likelihood (1.3 metrics)')
-    vae.add_argument('--profile-per-class', type=positive_int, default=100,
+    vae.add_argument('--profile-per-class', type=positive_int, default=PROFILE_PER_CLASS,
                      help='training images per digit averaged in the 1.3e latent profile')
     return parser.parse_args(argv)
 
@@ -163,13 +175,30 @@ class ReparamStep(nn.Module):
         return self.vae.decode(z).nll(x), posterior.kl()
 
 
-def train(args, command='python train_vae.py', ranks=None):
-    # ---- setup
-    ranks = ranks or setup(args.device)   # under torchrun every rank seeds alike: same global batches (studylib.dist)
-    device = ranks.device
-    seed_everything(args.seed)
+def build(model_config, lr, device, ranks=None, compile_model=False):
+    """The VAE, the module its training step calls (laid out, data-parallel under torchrun, compiled when asked)
+    and its Adam: (model, step_model, optimizer). bench.py times the same."""
+    model = vae_solution.VAE(**model_config, device=device).to(device)
+    sync_batchnorm(model, ranks)   # the encoder's batch norm sees the global batch under torchrun
+    step_model = prepare_model(ReparamStep(model), device, compile_model, wrap=lambda m: wrap(m, ranks))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **optimizer_kwargs(device))
+    return model, step_model, optimizer
 
-    # ---- data first: a missing file must fail in seconds, before the run folder is touched
+
+def train_step(step_model, optimizer, x, eps, amp, loss_scale=1.0):
+    """One optimizer step on the negative ELBO, (nll + kl).mean(), with the reparameterisation noise eps given:
+    (loss, nll (B,), kl (B,)). loss_scale weights this rank's share of the global batch (studylib.loop)."""
+    with autocast(x.device, amp):
+        nll, kl = step_model(x, eps)                                    # (B,), (B,)
+        loss = (nll + kl).mean()
+    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_scale).backward()
+    optimizer.step()
+    return loss, nll, kl
+
+
+def load_data(args, ranks):
+    """The SVHN splits as uint8 tensors, checked against every flag that needs images, before any writing."""
     train_x, train_y = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
     test_x, test_y = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     if args.batch_size > len(train_x):
@@ -178,104 +207,88 @@ def train(args, command='python train_vae.py', ranks=None):
     if len(test_x) < 8:
         raise UserError(f'the figures need at least 8 test images, got {len(test_x)} (--limit-test)')
     first_per_class(train_y, args.profile_per_class)   # 1.3e's images exist: checked now, not after training
+    return train_x, train_y, test_x, test_y
 
-    model_config = dict(in_channels=vae_solution.input_channels, encoder_features=32, decoder_features=32,
-                        z_dim=args.z_dim, input_size=vae_solution.image_size)
-    run, config, ckpt = open_run_ranked(ranks, args, 'vae', model_config, command)
+
+def train(args, command='python train_vae.py', ranks=None):
+    # ---- setup: under torchrun every rank seeds alike and draws the same global batches (studylib.dist)
+    ranks = ranks or setup(args.device)
+    device = ranks.device
+    seed_everything(args.seed)
+
+    # ---- data first: a missing file must fail in seconds, before the run folder is touched
+    train_x, train_y, test_x, test_y = load_data(args, ranks)
+    model_config = dict(in_channels=vae_solution.input_channels, encoder_features=FEATURES,
+                        decoder_features=FEATURES, z_dim=args.z_dim, input_size=vae_solution.image_size)
+    config = make_config(args, 'vae', model_config, device, command, HYPERPARAMETERS)
+    run = TrainingRun(ranks, args.out_dir, config, args.resume, seed=args.seed, epochs=args.epochs,
+                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, allow_nan=args.allow_nan)
 
     # ---- model and optimizer
-    model = vae_solution.VAE(**model_config, device=device).to(device)
-    sync_batchnorm(model, ranks)   # the encoder's batch norm sees the global batch under torchrun
-    # the same weights, laid out, data-parallel under torchrun and compiled for speed
-    step_model = prepare_model(ReparamStep(model), device, args.compile, wrap=lambda m: wrap(m, ranks))
-    amp = use_amp(args, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **optimizer_kwargs(device))
+    model, step_model, optimizer = build(model_config, args.lr, device, ranks, args.compile)
+    amp = use_amp(args.amp, device)
+    figures = run.resume(model, optimizer, figures={'1.3b': [], '1.3c': []})['figures']
     print(f'VAE: {sum(p.numel() for p in model.parameters()):,} parameters; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
-
-    # Fixed inputs of the progress figures, so that grids of different epochs are comparable.
+    # fixed inputs of the progress figures, so that grids of different epochs are comparable
     figure_rng = torch.Generator().manual_seed(args.seed)
-    fixed_z = torch.randn(64, args.z_dim, generator=figure_rng).to(device)
+    fixed_z = torch.randn(FIGURE_Z, args.z_dim, generator=figure_rng).to(device)
     fixed_x = test_x[:24 if len(test_x) >= 24 else 8].to(device)
-    order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
-    figures = {'1.3b': [], '1.3c': []}
-    start_epoch, mid = resume_point(ckpt)
-    if ckpt is not None:
-        restore(ckpt, model, optimizer)
-        order_rng.set_state(ckpt['extra']['order_rng'])
-        figures = ckpt['extra']['figures']
-        print(f'resumed from {run.checkpoint_path} at epoch {start_epoch}, step {mid["step"] if mid else 0}')
-
-    def save(epoch, mid_epoch=None):
-        if not ranks.is_main:
-            return
-        run.save_checkpoint(model_name='vae', model_config=model_config, model=model, optimizer=optimizer,
-                            epoch=epoch, extra={'order_rng': order_rng.get_state(), 'figures': figures,
-                                                'mid_epoch': mid_epoch})
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
 
     # ---- training loop
-    for epoch in tqdm(range(start_epoch, args.epochs + 1), desc='epochs', initial=start_epoch - 1,
-                      total=args.epochs):
+    for epoch in run.epochs():
         model.train()
-        # loss, nll, kl summed over images on the device; read once per epoch
-        epoch_loop = EpochLoop(epoch, len(train_x), args.batch_size, order_rng, device, num_sums=3, mid=mid,
-                               checkpoint_every=args.checkpoint_every, save=lambda state: save(epoch - 1, state),
-                               allow_nan=args.allow_nan, ranks=ranks)
-        for idx in epoch_loop:
-            x = to_unit_range(train_x[idx])                      # (B, 3, 32, 32) in [-1, 1]
-            eps = torch.randn((epoch_loop.global_batch, args.z_dim), device=device)[epoch_loop.part]
-            with autocast(device, amp):
-                nll, kl = step_model(x, eps)                                 # (B,), (B,)
-                loss = (nll + kl).mean()
-            optimizer.zero_grad(set_to_none=True)
-            (loss * epoch_loop.loss_scale).backward()
-            optimizer.step()
-            epoch_loop.record(loss, torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()]))
-        sums, seconds = epoch_loop.finish()
-        train_loss, train_nll, train_kl = (sums / epoch_loop.images).tolist()   # one host sync per epoch
-        mid = None
-
-        with epoch_loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+        loop = run.epoch_loop(epoch, len(train_x), num_sums=3)   # loss, nll, kl summed on the device
+        for idx in loop:
+            x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
+            eps = torch.randn((loop.global_batch, args.z_dim), device=device)[loop.part]   # this rank's rows
+            loss, nll, kl = train_step(step_model, optimizer, x, eps, amp, loop.loss_scale)
+            loop.record(loss, torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()]))
+        sums, seconds = loop.finish()
+        train_loss, train_nll, train_kl = (sums / loop.images).tolist()   # one host sync per epoch
+        with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
             test_nll, test_kl = evaluate_elbo(model, test_x)   # every rank: the RNG streams stay alike
             if not ranks.is_main:   # rank 0 alone writes the log, the figures and the checkpoint
                 continue
-            row = dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
-                       test_nll=test_nll, test_kl=test_kl, test_neg_elbo=test_nll + test_kl, seconds=seconds)
-            run.log_metrics(row)
+            run.folder.log_metrics(dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll,
+                                        train_kl=train_kl, test_nll=test_nll, test_kl=test_kl,
+                                        test_neg_elbo=test_nll + test_kl, seconds=seconds))
             tqdm.write(f'epoch {epoch}: train loss {train_loss:.2f} (nll {train_nll:.2f}, kl {train_kl:.2f}), '
                        f'test -ELBO {test_nll + test_kl:.2f}, {seconds:.1f} s')
             if epoch % args.sample_every == 0 or epoch == args.epochs:
-                b, c = save_progress_figures(model, run, epoch, fixed_z, fixed_x)   # draws no random numbers
+                b, c = save_progress_figures(model, run.folder, epoch, fixed_z, fixed_x)   # draws nothing
                 figures['1.3b'].append(b)
                 figures['1.3c'].append(c)
-            save(epoch)
-
-    # ---- final figures and metrics (rank 0 alone)
+            run.save(epoch)
     if not ranks.is_main:
         return None
-    rows = run.read_metrics()
+    return final_stage(args, run, model, figures, figure_rng, train_x, train_y, test_x, test_y)
+
+
+def final_stage(args, run, model, figures, figure_rng, train_x, train_y, test_x, test_y):
+    """1.3a, 1.3d, 1.3e, 1.3f and the test log-likelihood of the trained VAE (rank 0 alone): summary.json."""
+    rows = run.folder.read_metrics()
     epoch = rows[-1]['epoch']
     figures['1.3a'] = [save_time_figure([r['epoch'] for r in rows], [r['seconds'] for r in rows],
-                                        run.file('1.3a_training_time.png'),
-                                        f'VAE training wall-clock time on {config["device_name"]} '
+                                        run.folder.file('1.3a_training_time.png'),
+                                        f'VAE training wall-clock time on {run.config["device_name"]} '
                                         f'({len(train_x)} SVHN images per epoch)')]
     model.eval()
     torch.manual_seed(args.seed + 1)   # not args.seed: that would redraw the fixed z of the 1.3b grids
-    figures['1.3d'] = [save_image_grid(model.sample(64), run.file('1.3d_final_samples.png'),
+    figures['1.3d'] = [save_image_grid(model.sample(64), run.folder.file('1.3d_final_samples.png'),
                                        f'64 samples from the VAE after {epoch} epochs '
                                        f'(decoder mean of z ~ N(0,I))')]
-    figures['1.3e'] = [save_latent_profiles(model, train_x, train_y, args.profile_per_class, run, epoch)]
-    figures['1.3f'] = [save_interpolations(model, test_x, test_y, run, epoch, figure_rng)]
+    figures['1.3e'] = [save_latent_profiles(model, train_x, train_y, args.profile_per_class, run.folder, epoch)]
+    figures['1.3f'] = [save_interpolations(model, test_x, test_y, run.folder, epoch, figure_rng)]
     ll = test_log_likelihood(model, test_x, args.ll_k)
     last = rows[-1]
     metrics = dict(epochs=epoch, num_train=len(train_x), num_test=len(test_x),
                    final_train_loss=last['train_loss'], final_test_neg_elbo=last['test_neg_elbo'],
                    final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
                    test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
-                   **time_metrics(rows),
-                   device=config['device_name'])
-    run.write_summary('vae', figures, metrics)
+                   **time_metrics(rows), device=run.config['device_name'])
+    run.folder.write_summary('vae', figures, metrics)
     return metrics
 
 

@@ -2,7 +2,7 @@
 
 Self-contained solution module: it imports only the standard library, numpy and torch, so a course autograder can
 import it alone. The API (names, arguments, defaults, return order) follows the assignment template to the letter;
-see SPEC.md. Images are (B, 3, 32, 32) tensors scaled to [-1, 1].
+see docs/api.md. Images are (B, 3, 32, 32) tensors scaled to [-1, 1].
 
 The model:
     q(z|x) = N(z; mu(x), diag(sigma^2(x)))       encoder + two linear heads

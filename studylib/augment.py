@@ -10,30 +10,12 @@ Every random quantity is drawn per image, as torchvision does: the crop box (tor
 ten (area, log-ratio) candidates, the first that fits, else the centred fallback), the flip, whether the jitter
 applies, its four factors and its order of the four colour operations, and the grayscale.
 
-Why not kornia.augmentation as is. kornia 0.9 (the field's maintained batched library; read in its source) was the
-starting point and is the comparison in studylib.benchmarks.measure_pipelines, but its components deviate from
-the torchvision semantics this study's numbers are defined by, or break the "no per-image Python" rule:
-  * RandomResizedCrop samples the same crop distribution as torchvision (ten tries, same rounding, same fallback
-    size; the fallback is placed at random instead of centred, which for a square input is the whole image anyway),
-    but its default cropping_mode='slice' crops and resizes image by image in a Python loop
-    (kornia.geometry.transform.crop_by_indices), and cropping_mode='resample' (one batched warp) maps the crop's
-    corner pixel centres onto the output's (align_corners=True geometry, e.g. a 14-pixel crop is magnified
-    31/13 = 2.38x instead of 32/14 = 2.29x, and its border pixels get full rather than half weight) whatever
-    align_corners says: on random images it is up to 0.29 (mean 0.027) away from torchvision's crop of the same
-    box, where slice mode with align_corners=False is within 1e-7. Here the crop, the resize and the flip are one
-    pair of per-image interpolation matrices applied by two batched matmuls: torchvision's resize of the cropped
-    slice (F.interpolate, bilinear, align_corners=False, antialias=True, reading only pixels inside the crop), to
-    float rounding.
-  * ColorJitter (the kornia class that follows torchvision's formulas; ColorJiggle does not: its brightness is
-    additive) draws ONE order of the four operations per call, shared by the whole batch; torchvision draws one per
-    image. Here each image has its own order. kornia's grayscale weights (0.299, 0.587, 0.114) also differ from
-    torchvision's (0.2989, ...) by 1e-4: harmless, but torchvision's are used here.
-  * Its hue step (kornia.enhance.adjust_hue, RGB->HSV->RGB) agrees with torchvision to 2e-6 but took ~255 ms per
-    512 images on one CPU thread here, more than this whole pipeline; the closed-form hexcone rotation below gives
-    the same result (to float rounding) in ~30 ms.
-  * kornia draws its parameters from torch's global CPU RNG only; a torch.Generator cannot be passed.
-  * Flip, grayscale and normalise match torchvision in kornia too, but are one line each here (the flip is folded
-    into the crop's interpolation matrix), which keeps every draw on one generator.
+The crop, the resize and the flip are one pair of per-image interpolation matrices applied by two batched matmuls,
+reproducing torchvision's resize of the cropped slice (F.interpolate, bilinear, align_corners=False, antialias=True,
+reading only pixels inside the crop) to float rounding; the hue step is a closed-form hexcone rotation (torchvision's
+result to float rounding), and grayscale uses torchvision's weights (0.2989, 0.587, 0.114).
+Why this is hand-written rather than kornia.augmentation is explained in docs/design.md.
+
 The steps work on float images in [0, 1]. torchvision's pipeline runs them on uint8, rounding after the resize and
 truncating after every colour step (about 0.5/255 darker per step on average); that quantisation is not
 reproduced.

@@ -1,4 +1,4 @@
-"""The command-line flags every driver shares (SPEC.md, "Drivers") and the one way drivers report user errors."""
+"""The command-line flags every driver shares (docs/api.md) and the one way drivers report user errors."""
 import argparse
 import contextlib
 import errno
@@ -152,4 +152,18 @@ def run_main(script, parse_args, train, argv=None):
             return train(args, shlex.join(['python', script, *argv]), ranks)
         finally:
             teardown(ranks)
+            release_locks()
+
+
+def run_tool(build_parser, work, argv=None, invoked_as=''):
+    """A tool's main() (compare_ddpm.py, probe_ddpm.py): parse with build_parser(invoked_as), then
+    work(args, command) with user errors as one line, and the folder locks released however it ends. `invoked_as`
+    is the head of the command line as typed: the usage line and config.json's "command" start with it."""
+    from .run import release_locks
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(invoked_as).parse_args(argv)
+    with user_errors():
+        try:
+            return work(args, shlex.join([*shlex.split(invoked_as), *argv]))
+        finally:
             release_locks()

@@ -1,25 +1,23 @@
 """2.3a: compare DDPM runs that differ in T (training time per epoch, sampling time, sample quality).
 
-    python -m studylib.compare runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
+The command line is compare_ddpm.py at the repository root (python -m studylib.compare forwards to it):
 
-Reads each run folder's summary.json and writes, into --out-dir, the figure 2.3a_tradeoff.png, the table
+    python compare_ddpm.py runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
+
+compare() reads each run folder's summary.json and writes, into --out-dir, the figure 2.3a_tradeoff.png, the table
 2.3a_table.md and a summary.json with id 2.3a whose metrics hold one entry per T.
 
 Every problem with the inputs or the output folder is one line (exit status 2) before anything is written: a
 summary.json that is not one (naming the file and the key), an --out-dir that is one of the input runs, holds a
 finished run or a training run, cannot be written, or is in use by another process (it is locked while writing).
 """
-import argparse
 import json
 import math
 import os
-import shlex
-import sys
 
 from . import UserError
-from .cli import HelpFormatter, user_errors
 from .plots import pyplot
-from .run import CHECKPOINT, RunDir, git_commit, lock_dir, prepare_out_dir, refuse_finished, release_locks
+from .run import CHECKPOINT, RunDir, git_commit, lock_dir, prepare_out_dir, refuse_finished
 
 # The metrics of a train_ddpm.py summary that the comparison reads, with the kind of value each must be.
 NEEDED_METRICS = {
@@ -185,19 +183,10 @@ def compare(run_dirs, out_dir, command):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument('runs', nargs='+', help='train_ddpm.py run folders, one per T')
-    parser.add_argument('--out-dir', default='runs/ddpm-compare',
-                        help='where the 2.3a figure and table go: a new folder, not one of the runs')
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    with user_errors():
-        try:
-            return compare(args.runs, args.out_dir, shlex.join(['python', '-m', 'studylib.compare', *argv]))
-        finally:
-            release_locks()
+    """`python -m studylib.compare`, kept working: forwards to compare_ddpm.py's main (the command line)."""
+    import compare_ddpm   # the repository root, where the command lives, is on sys.path (python -m from the root)
+    return compare_ddpm.main(argv, invoked_as='python -m studylib.compare')
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    main()

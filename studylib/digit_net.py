@@ -22,13 +22,13 @@ training images, whose features sit apart from those of unseen digits (with the 
 against train gives an FD of about 18, test against other test images about 6). The scores are not comparable
 with published Inception FIDs; on a connected machine inception_fd() gives the standard one.
 
-    python -m studylib.digit_net --data-dir ./data         # train once (1-2 minutes on one CPU core), cache
+    python train_digit_net.py --data-dir ./data         # train once (1-2 minutes on one CPU core), cache
+
+(the command line lives in train_digit_net.py at the repository root; python -m studylib.digit_net forwards to it)
 """
 import hashlib
-import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -37,9 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import UserError
-from .cli import HelpFormatter, positive_int, user_errors
 from .data import SVHN_FILES, batch_indices, load_split, to_unit_range
-from .run import pick_device
 
 FORMAT = 'studylib-digit-net-v1'
 EPOCHS, BATCH_SIZE, LR, SEED = 6, 128, 3e-3, 0   # the cached net's settings (load_or_train)
@@ -181,7 +179,7 @@ def save_digit_net(path, net, info):
 
 def load_digit_net(path, device='cpu'):
     """(net in eval mode, info) from a cache written by save_digit_net; anything else is one UserError line."""
-    fix = 'delete it and rerun to train a new one (python -m studylib.digit_net --data-dir DIR --force)'
+    fix = 'delete it and rerun to train a new one (python train_digit_net.py --data-dir DIR --force)'
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)   # a cache is data, never code
     except Exception as exc:   # truncated zip, random bytes, pickled code: all land here
@@ -317,32 +315,15 @@ def inception_fd(samples, reference, batch_size=100, device='cpu', weights_path=
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line
+# command line: train_digit_net.py at the repository root
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m studylib.digit_net', formatter_class=HelpFormatter,
-                                     description='Train the digit classifier behind digit_quality() and cache it '
-                                                 'in the cache folder ($STUDYLIB_CACHE or ~/.cache/studylib).')
-    parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN files (read only)')
-    parser.add_argument('--epochs', type=positive_int, default=EPOCHS, help='training epochs')
-    parser.add_argument('--batch-size', type=positive_int, default=BATCH_SIZE, help='training batch size')
-    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
-                        help='where to train; auto = cuda when available')
-    parser.add_argument('--no-download', action='store_true',
-                        help='never touch the network: exit at once if an SVHN file is missing')
-    parser.add_argument('--force', action='store_true', help='retrain even when a cached net exists')
-    args = parser.parse_args(argv)
-    with user_errors():
-        device = pick_device(args.device)
-        path = default_path(args.data_dir)
-        if path is not None and os.path.exists(path) and not args.force:
-            _, info = load_digit_net(path, device)
-            print(f'{path} already holds a digit net: {info["test_accuracy"]:.2f}% test accuracy on '
-                  f'{info["num_test"]} images ({info["num_train"]} training images, {info["epochs"]} epochs); '
-                  f'pass --force to retrain it')
-            return info
-        return train_and_save(args.data_dir, device, args.epochs, args.batch_size, not args.no_download)[1]
+    """`python -m studylib.digit_net`, kept working: forwards to train_digit_net.py's main (the command line)."""
+    import importlib
+    # the repository root, where the command lives, is on sys.path (python -m from the root); imported by name, as
+    # this module's train_digit_net is the training function
+    return importlib.import_module('train_digit_net').main(argv, invoked_as='python -m studylib.digit_net')
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    main()

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import UserError
-from .run import RunDir, load_checkpoint, make_config, open_run, pick_device
+from .run import pick_device
 
 
 @dataclass
@@ -119,7 +119,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def sync_batchnorm(module, ranks):
     """Every batch norm of `module` synchronised across the ranks (torch's SyncBatchNorm on CUDA, ours on CPU)."""
-    if not ranks.distributed:
+    if ranks is None or not ranks.distributed:
         return module
     if ranks.device.type == 'cuda':
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -137,7 +137,7 @@ def sync_batchnorm(module, ranks):
 
 def wrap(model, ranks):
     """DistributedDataParallel over the ranks (the model itself keeps the weights and plain parameter names)."""
-    if not ranks.distributed:
+    if ranks is None or not ranks.distributed:
         return model
     ids = [ranks.device.index] if ranks.device.type == 'cuda' else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -165,15 +165,3 @@ def gather_rows(part, ranks):
 def barrier(ranks):
     if ranks.distributed:
         dist.barrier()
-
-
-def open_run_ranked(ranks, args, model, model_config, command):
-    """open_run on rank 0 (the only writer); the other ranks read the checkpoint it resumes from, if any."""
-    if ranks.is_main:
-        run, config, ckpt = open_run(args, model, model_config, ranks.device, command)
-    barrier(ranks)
-    if not ranks.is_main:
-        run = RunDir(args.out_dir)
-        config = make_config(args, model, model_config, ranks.device, command)
-        ckpt = load_checkpoint(run.checkpoint_path) if args.resume else None
-    return run, config, ckpt

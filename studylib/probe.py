@@ -1,6 +1,8 @@
 """2.3b: what a trained DDPM U-Net's features know about the digit, against the VAE's posterior mean and pixels.
 
-    python -m studylib.probe --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe
+The command line is probe_ddpm.py at the repository root (python -m studylib.probe forwards to it):
+
+    python probe_ddpm.py --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe
 
 For each t, train and test images are noised to x_t = q_sample(x_0, t) (the same noise for every feature source),
 and three frozen feature maps read x_t:
@@ -15,19 +17,16 @@ held-out fifth of the training images) and its test top-1 accuracy is reported. 
 exit status 2) before anything is read or written, and the folder is locked while the probe writes into it.
 """
 import argparse
-import shlex
-import sys
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import UserError
-from .cli import HelpFormatter, positive_int, seed_int, user_errors
 from .data import load_split, to_unit_range
 from .plots import pyplot
 from .compare import check_out_dir, open_out_dir
-from .run import RunDir, device_description, git_commit, pick_device, release_locks
+from .run import RunDir, device_description, git_commit, pick_device
 from .trained import load_ddpm, load_vae
 
 SOURCES = {'unet': 'DDPM U-Net middle block (pooled)', 'vae': 'VAE posterior mean', 'pixels': 'raw pixels of x_t'}
@@ -164,27 +163,10 @@ def probe(args, command):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
-    parser.add_argument('--ddpm', required=True, metavar='RUN_DIR', help='a finished train_ddpm.py run folder')
-    parser.add_argument('--vae', required=True, metavar='RUN_DIR', help='a finished train_vae.py run folder')
-    parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN .mat files')
-    parser.add_argument('--no-download', action='store_true', help='never touch the network')
-    parser.add_argument('--out-dir', default='runs/ddpm-probe',
-                        help='where the 2.3b figure and summary go: a new folder, not one of the runs')
-    parser.add_argument('--t', type=parse_t_list, default=[0, 50, 100, 250, 500],
-                        help='comma-separated diffusion steps to noise the images to')
-    parser.add_argument('--limit-train', type=positive_int, default=2000, help='training images for the probe')
-    parser.add_argument('--limit-test', type=positive_int, default=2000, help='test images for the probe')
-    parser.add_argument('--seed', type=seed_int, default=0, help='seed of the noise added to the images')
-    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    with user_errors():
-        try:
-            return probe(args, shlex.join(['python', '-m', 'studylib.probe', *argv]))
-        finally:
-            release_locks()
+    """`python -m studylib.probe`, kept working: forwards to probe_ddpm.py's main (the command line)."""
+    import probe_ddpm   # the repository root, where the command lives, is on sys.path (python -m from the root)
+    return probe_ddpm.main(argv, invoked_as='python -m studylib.probe')
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    main()

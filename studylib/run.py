@@ -1,4 +1,4 @@
-"""One run = one folder: config.json, metrics.jsonl, figures, checkpoint.pt and summary.json (SPEC.md).
+"""One run = one folder: config.json, metrics.jsonl, figures, checkpoint.pt and summary.json (docs/api.md).
 
 Checkpoints are self-describing (model name and config, weights, optimizer, epoch, every RNG state) so a model can
 be rebuilt without the training script, and they are written atomically (temp file + os.replace) so a crash while
@@ -329,12 +329,14 @@ def time_metrics(rows):
     return dict(train_seconds_total=total, seconds_per_epoch_mean=total / len(rows))
 
 
-def make_config(args, model, model_config, device, command):
-    """config.json's content: every command-line setting plus what is needed to reproduce the run."""
+def make_config(args, model, model_config, device, command, hyperparameters=None):
+    """config.json's content: every command-line setting (args: a dict, or argparse's namespace), the driver's
+    hyperparameter block, and what is needed to reproduce the run."""
     return {
         'model': model,
         'model_config': model_config,
-        'args': vars(args),
+        'args': dict(args) if isinstance(args, dict) else vars(args),
+        'hyperparameters': hyperparameters or {},
         'command': command,
         'git_commit': git_commit(),
         'torch_version': torch.__version__,
@@ -343,14 +345,6 @@ def make_config(args, model, model_config, device, command):
         'device_name': device_description(device),
         'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     }
-
-
-def open_run(args, model, model_config, device, command):
-    """Make config.json's content, print it (minGPT style) and start the run folder: (run, config, ckpt or None)."""
-    run = RunDir(args.out_dir)
-    config = make_config(args, model, model_config, device, command)
-    print(json.dumps(config, indent=2, default=str))
-    return run, config, run.start(config, args.resume)
 
 
 def save_checkpoint(path, *, model_name, model_config, model, optimizer, epoch, extra=None, args=None,

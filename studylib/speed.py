@@ -13,12 +13,12 @@ def _gpu_paths(device):
     return device.type == 'cuda' or os.environ.get('STUDYLIB_SPEED_PATHS') == 'all'
 
 
-def use_amp(args, device):
-    """bf16 autocast: --amp auto turns it on on a CUDA GPU that supports bf16 and off on the CPU (where bf16
-    matmuls are emulated on most processors and slower than float32)."""
-    if args.amp == 'auto':
+def use_amp(amp, device):
+    """bf16 autocast from the --amp value: auto turns it on on a CUDA GPU that supports bf16 and off on the CPU
+    (where bf16 matmuls are emulated on most processors and slower than float32)."""
+    if amp == 'auto':
         return device.type == 'cuda' and torch.cuda.is_bf16_supported()
-    return args.amp == 'on'
+    return amp == 'on'
 
 
 def autocast(device, enabled):

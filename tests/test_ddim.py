@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures('isolated_torch_state')
 
 def oracle_abar(T, b0=1e-4, b1=0.02):
     """(betas, abar) of the linear schedule, float64 Python lists. The betas are the template's: torch.linspace in
-    float32 (SPEC), whose values may differ from the exact b0 + (b1 - b0) i / (T - 1) by an ulp; abar is then
+    float32 (docs/api.md), whose values may differ from the exact b0 + (b1 - b0) i / (T - 1) by an ulp; abar is then
     accumulated in float64 here, as DDIM does."""
     betas = torch.linspace(b0, b1, T, dtype=torch.float32).double().tolist()
     abar, prod = [], 1.0

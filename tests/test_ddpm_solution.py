@@ -303,7 +303,7 @@ def test_p_sample_mean_formula_for_several_t():
 def test_p_sample_noise_std_is_sqrt_posterior_variance():
     """For t_index > 0, output - mean ~ N(0, beta~_t): Monte-Carlo std within 5 SE of sqrt(posterior_variance_t)
     and more than 20 SE from posterior_variance_t itself (asserted). Catches: the variance used as the std
-    (the SPEC's 'standard deviation, not the variance' pitfall), betas instead of beta~, a missing sqrt, noise
+    (docs/api.md's 'standard deviation, not the variance' pitfall), betas instead of beta~, a missing sqrt, noise
     shared across elements."""
     torch.manual_seed(5)
     N = 20000
@@ -660,7 +660,7 @@ def test_tiny_unet_overfits_one_batch():
 # 10. Constants, seeding, imports.
 
 def test_module_constants_match_spec():
-    """Template constants per SPEC. Catches: a changed default (e.g. lr 2e-4, T 500) leaking into the autograder
+    """Template constants per docs/api.md. Catches: a changed default (e.g. lr 2e-4, T 500) leaking into the autograder
     or the drivers."""
     assert D.train_batch_size == 64
     assert D.lr == 1e-4

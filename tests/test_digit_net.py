@@ -2,6 +2,9 @@
 scores against hand-computed values, the ranking of degraded images on real data, and the cache's refusals."""
 import math
 import os
+import re
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -9,8 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.conftest import read_only_cache
+from tests.conftest import ROOT, read_only_cache
 
+import train_digit_net
 from studylib import UserError
 from studylib import digit_net as dn
 from studylib.data import load_split, to_unit_range
@@ -227,14 +231,30 @@ def test_cli_reports_cache_refuses_corrupt_one_and_force_retrains(tiny_svhn, cap
     with open(dn.default_path(tiny_svhn), 'wb') as f:
         f.write(b'garbage bytes')
     with pytest.raises(SystemExit) as exit_info:
-        dn.main(args)
+        train_digit_net.main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and 'delete it and rerun' in err[0]
-    assert dn.main(args + ['--force'])['epochs'] == 1
+    assert 'python train_digit_net.py --data-dir DIR --force' in err[0]
+    assert train_digit_net.main(args + ['--force'])['epochs'] == 1
     assert 'cached at' in capsys.readouterr().out
-    assert dn.main(args)['epochs'] == 1          # the cache now exists: reported, not retrained
+    assert train_digit_net.main(args)['epochs'] == 1   # the cache now exists: reported, not retrained
     assert 'already holds a digit net' in capsys.readouterr().out
+
+
+def test_the_old_module_command_forwards_to_train_digit_net():
+    """`python train_digit_net.py --help` and the old spelling `python -m studylib.digit_net --help` both exit 0
+    and document the same flags with the same help; only the usage line names the command as typed."""
+    helps = {}
+    for command in (['train_digit_net.py'], ['-m', 'studylib.digit_net']):
+        result = subprocess.run([sys.executable, *command, '--help'], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120, env=dict(os.environ, COLUMNS='120'))
+        assert result.returncode == 0, result.stderr
+        usage, _, helps[command[-1]] = result.stdout.partition('\n\n')
+        assert usage.startswith(f'usage: python {" ".join(command)} ')
+    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', helps['train_digit_net.py']))
+    assert {'--data-dir', '--epochs', '--batch-size', '--device', '--no-download', '--force'} <= flags
+    assert helps['train_digit_net.py'] == helps['studylib.digit_net']
 
 
 def test_cache_lives_outside_the_data_folder_and_an_unwritable_one_is_not_fatal(tiny_svhn, monkeypatch, capsys,

@@ -1,4 +1,4 @@
-"""The study tools against hostile inputs: studylib.compare, studylib.probe and make_report.py.
+"""The study tools against hostile inputs: compare_ddpm.py, probe_ddpm.py and make_report.py.
 
 Every user error or environment failure must be ONE line on stderr ('error: ...', naming the file or flag and the
 fix), exit status 2, no traceback, and leave every existing file as it was: the input run folders byte for byte,
@@ -11,16 +11,21 @@ import errno
 import fcntl
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import compare_ddpm
 import ddpm_solution
 import make_report
+import probe_ddpm
 import vae_solution
-from studylib import compare, probe
 from studylib.run import save_checkpoint
+from tests.conftest import ROOT
 
 # What compare reads of a train_ddpm.py summary (and a few more of its metrics, as a real one holds).
 DDPM_METRICS = {
@@ -99,6 +104,14 @@ def one_line_error(capsys, tool, argv):
     return lines[0]
 
 
+def help_of(*command):
+    """`python COMMAND --help` run from the repository root: (exit status, usage line, the help after the usage)."""
+    result = subprocess.run([sys.executable, *command, '--help'], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, COLUMNS='120'))
+    usage, _, rest = result.stdout.partition('\n\n')
+    return result.returncode, usage, rest
+
+
 def deny_writes(monkeypatch, folder, code):
     """Opening any file below `folder` for writing fails with errno `code` (EACCES, EROFS): the tests run as root,
     where chmod protects nothing."""
@@ -157,7 +170,20 @@ def ddpm_pair(tmp_path):
     return fake_ddpm_run(tmp_path / 'T500', 500), fake_ddpm_run(tmp_path / 'T1000', 1000)
 
 
-# ------------------------------------------------------------------------------------------- studylib.compare
+# ----------------------------------------------------------------------------------------------- compare_ddpm.py
+
+@pytest.mark.parametrize('script, module', [('compare_ddpm.py', 'studylib.compare'),
+                                            ('probe_ddpm.py', 'studylib.probe')])
+def test_the_old_module_command_forwards_to_the_script(script, module):
+    """`python SCRIPT --help` and the old spelling `python -m MODULE --help` both exit 0 and document the same flags
+    with the same help; only the usage line names the command as typed."""
+    (new_rc, new_usage, new_help), (old_rc, old_usage, old_help) = help_of(script), help_of('-m', module)
+    assert new_rc == 0 and old_rc == 0
+    assert new_usage.startswith(f'usage: python {script} ') and old_usage.startswith(f'usage: python -m {module} ')
+    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', new_help))
+    assert {'--out-dir', '--help'} <= flags and flags == set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', old_help))
+    assert new_help == old_help
+
 
 @pytest.mark.parametrize('spelling', ['same', 'trailing-slash', 'dot-dot', 'symlink'])
 def test_compare_refuses_an_out_dir_that_is_one_of_its_runs(ddpm_pair, tmp_path, capsys, spelling):
@@ -167,7 +193,7 @@ def test_compare_refuses_an_out_dir_that_is_one_of_its_runs(ddpm_pair, tmp_path,
     if spelling == 'symlink':
         os.symlink(b, out)
     before = snapshot(a, b)
-    line = one_line_error(capsys, compare, [a, b, '--out-dir', out])
+    line = one_line_error(capsys, compare_ddpm, [a, b, '--out-dir', out])
     assert f'--out-dir {out}' in line and 'input run folder' in line
     assert snapshot(a, b) == before
 
@@ -185,7 +211,7 @@ def test_compare_refuses_an_out_dir_holding_a_run(ddpm_pair, tmp_path, capsys, k
             with open(os.path.join(out, name), 'wb') as f:
                 f.write(content)
     before = snapshot(a, b, out)
-    line = one_line_error(capsys, compare, [a, b, '--out-dir', out])
+    line = one_line_error(capsys, compare_ddpm, [a, b, '--out-dir', out])
     assert f'{out} holds a' in line and '--out-dir' in line
     assert snapshot(a, b, out) == before
 
@@ -199,7 +225,7 @@ def test_compare_refuses_an_unusable_out_dir(ddpm_pair, tmp_path, capsys, monkey
     if case in ('EACCES', 'EROFS'):
         deny_writes(monkeypatch, out, getattr(errno, case))
     before = snapshot(a, b, str(blocker))
-    line = one_line_error(capsys, compare, [a, b, '--out-dir', out])
+    line = one_line_error(capsys, compare_ddpm, [a, b, '--out-dir', out])
     assert (f'--out-dir {out}' if out else '--out-dir is empty') in line
     assert snapshot(a, b, str(blocker)) == before
     assert not os.path.exists(os.path.join(out or 'nowhere', 'summary.json'))
@@ -213,7 +239,7 @@ def test_compare_refuses_an_out_dir_in_use(ddpm_pair, tmp_path, capsys):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write('process 12345 on elsewhere\n')
         held.flush()
-        line = one_line_error(capsys, compare, [a, b, '--out-dir', str(out)])
+        line = one_line_error(capsys, compare_ddpm, [a, b, '--out-dir', str(out)])
     assert 'in use by process 12345' in line and '--out-dir' in line
     assert sorted(os.listdir(out)) == ['.lock']
 
@@ -224,14 +250,15 @@ def test_compare_writes_once_then_never_over_its_result(ddpm_pair, tmp_path, cap
     a, b = ddpm_pair
     out = str(tmp_path / 'cmp')
     inputs = snapshot(a, b)
-    metrics = compare.main([b, a, '--out-dir', out])
+    metrics = compare_ddpm.main([b, a, '--out-dir', out])
     assert list(metrics) == ['T500', 'T1000'] and metrics['T1000']['digit_fd'] == DDPM_METRICS['digit_fd']
     summary = json.load(open(os.path.join(out, 'summary.json')))
     assert summary['model'] == 'ddpm-compare' and summary['figures'] == {'2.3a': ['2.3a_tradeoff.png']}
+    assert json.load(open(os.path.join(out, 'config.json')))['command'].startswith('python compare_ddpm.py ')
     with open(os.path.join(out, '.lock'), 'a+') as lock:   # released: another process could take it now
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     result = snapshot(out)
-    line = one_line_error(capsys, compare, [b, a, '--out-dir', out])
+    line = one_line_error(capsys, compare_ddpm, [b, a, '--out-dir', out])
     assert 'holds a finished ddpm-compare run' in line
     assert snapshot(out) == result and snapshot(a, b) == inputs
 
@@ -270,12 +297,12 @@ def test_compare_names_the_file_and_key_of_a_malformed_summary(ddpm_pair, tmp_pa
     bad = write_run(tmp_path / 'bad', content() if callable(content) else content)
     out = tmp_path / 'cmp'
     before = snapshot(a, bad)
-    line = one_line_error(capsys, compare, [a, bad, '--out-dir', str(out)])
+    line = one_line_error(capsys, compare_ddpm, [a, bad, '--out-dir', str(out)])
     assert os.path.join(bad, 'summary.json') in line and named in line
     assert snapshot(a, bad) == before and not out.exists()
 
 
-# -------------------------------------------------------------------------------------------- studylib.probe
+# ------------------------------------------------------------------------------------------------- probe_ddpm.py
 
 @pytest.fixture(scope='module')
 def trained_pair(tmp_path_factory):
@@ -311,7 +338,7 @@ def test_probe_refuses_an_out_dir_that_is_one_of_its_runs(trained_pair, tmp_path
     if which == 'symlink':
         os.symlink(ddpm, out)
     before = snapshot(ddpm, vae)
-    line = one_line_error(capsys, probe, probe_args(ddpm, vae, out, tmp_path))
+    line = one_line_error(capsys, probe_ddpm, probe_args(ddpm, vae, out, tmp_path))
     assert f'--out-dir {out}' in line and 'input run folder' in line
     assert snapshot(ddpm, vae) == before
 
@@ -337,7 +364,7 @@ def test_probe_refuses_an_out_dir_that_cannot_take_its_result(trained_pair, tmp_
         deny_writes(monkeypatch, out, getattr(errno, case))
     before = snapshot(ddpm, vae, out) if out else snapshot(ddpm, vae)
     try:
-        line = one_line_error(capsys, probe, probe_args(ddpm, vae, out, tmp_path))
+        line = one_line_error(capsys, probe_ddpm, probe_args(ddpm, vae, out, tmp_path))
     finally:
         if held is not None:
             held.close()

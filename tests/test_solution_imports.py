@@ -1,4 +1,4 @@
-"""The graded modules are uploaded alone (SPEC.md): each may import only the standard library and the packages
+"""The graded modules are uploaded alone (docs/api.md): each may import only the standard library and the packages
 named here, and none may use torch.distributions or carry a pip line. Read from the source, not by importing."""
 import ast
 import os

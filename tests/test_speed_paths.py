@@ -28,7 +28,6 @@ RUNS = {
 
 def _fresh_model(script, ckpt):
     import ddpm_solution
-    import q3_solution
     import vae_solution
     config = dict(ckpt['model_config'])
     if script == 'train_vae.py':

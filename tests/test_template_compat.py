@@ -5,7 +5,7 @@ Each test pins one contract the template fixes and that an earlier version of th
 additive time conditioning (state_dict keys and shapes, outputs), the float32 schedule arithmetic, module-level
 names read at call time, t on another device than x, q3_misc's return values and `gpu` argument, the notebook's
 knn_predict layout, and the VAE decoder's argument name. The oracles are written out here from the template's
-description (SPEC.md in the course material), not taken from the module under test.
+description (docs/api.md), not taken from the module under test.
 """
 import inspect
 import os

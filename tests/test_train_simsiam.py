@@ -81,9 +81,9 @@ def test_get_lr_is_the_cosine_schedule():
 def test_recipes_pick_their_encoder_batch_and_lr():
     tuned = train_simsiam.parse_args([])
     assert (tuned.recipe, tuned.batch_size, tuned.epochs) == ('tuned', 512, 100)
-    assert tuned.lr == pytest.approx(0.03 * 512 / 256)
+    assert tuned.lr == pytest.approx(0.03)   # per 256 images: the SGD lr is 0.03 * 512 / 256 = 0.06
     assignment = train_simsiam.parse_args(['--recipe', 'assignment'])
-    assert assignment.batch_size == 1024 and assignment.lr == pytest.approx(0.12)
+    assert assignment.batch_size == 1024 and assignment.lr * assignment.batch_size / 256 == pytest.approx(0.12)
     small = train_simsiam.build_model(train_simsiam.variant_settings(tuned, 'baseline') | {'dim': 32})
     imagenet = train_simsiam.build_model(train_simsiam.variant_settings(assignment, 'baseline') | {'dim': 32})
     assert small.encoder.conv1.kernel_size == (3, 3) and isinstance(small.encoder.maxpool, torch.nn.Identity)

@@ -515,7 +515,7 @@ def test_sample_decodes_standard_normal_latents():
 # --------------------------------------------------------------------------------------------------------------
 
 def test_module_constants_and_signatures():
-    """Catches constants that drift from the template (SPEC) and changed defaults in the public signatures."""
+    """Catches constants that drift from the template (docs/api.md) and changed defaults in the public signatures."""
     assert V.train_batch_size == 64 and isinstance(V.train_batch_size, int)
     assert V.z_dim == 32 and isinstance(V.z_dim, int)
     assert V.lr == 1e-4
