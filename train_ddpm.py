@@ -46,6 +46,14 @@ SAMPLE_EVERY = 5                             # * epochs between the 2.2b sample 
 NUM_SAMPLES = 64                             # * images per sampled batch (figures, timing, quality)
 SWEEP_IMAGES = 8                             # test images noised and restored in the 2.2c sweep
 QUALITY_REFERENCE = 2000                     # test images the sample-quality measure compares against
+# Two training recipes (--recipe); any of these flags given on the command line wins over the recipe's value.
+RECIPES = {
+    # the assignment's settings, sampled as the template samples (the exact ancestral chain, x_0 not clipped)
+    'assignment': dict(batch_size=BATCH_SIZE, lr=LR, ema_decay=EMA_DECAY, clip_denoised=False, sampler='ddpm'),
+    # the CPU study's (docs/results.md): 4x the optimizer steps per epoch at twice the step size, so that an hour on
+    # one core draws digits; sampled with DDIM-50 (cheap enough to score every few epochs), x_0 clipped to [-1, 1]
+    'cpu': dict(batch_size=16, lr=2e-4, ema_decay=EMA_DECAY, clip_denoised=True, sampler='ddim'),
+}
 HYPERPARAMETERS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, timesteps=TIMESTEPS, dim=DIM,
                        dim_mults=list(DIM_MULTS), ema_decay=EMA_DECAY, sample_every=SAMPLE_EVERY,
                        num_samples=NUM_SAMPLES, sweep_images=SWEEP_IMAGES, quality_reference=QUALITY_REFERENCE)
@@ -68,8 +76,16 @@ def default_t_primes(timesteps):
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm', epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm', epochs=EPOCHS, batch_size=None, lr=None)
+    for action in parser._actions:   # the recipe decides the defaults of these two
+        if action.dest in ('batch_size', 'lr'):
+            action.help += ": default the recipe's (assignment: 64 and 1e-4; cpu: 16 and 2e-4)"
     ddpm = parser.add_argument_group('DDPM study')
+    ddpm.add_argument('--recipe', choices=sorted(RECIPES), default='assignment',
+                      help='assignment (default): batch 64, Adam 1e-4, the exact DDPM sampler as the template '
+                           '(x_0 not clipped); cpu: batch 16, Adam 2e-4, DDIM-50 with x_0 clipped, the CPU study\'s '
+                           'recipe. EMA 0.995 in both. --batch-size, --lr, --ema-decay, --sampler and '
+                           '--clip-denoised given explicitly win over the recipe')
     ddpm.add_argument('--timesteps', type=positive_int, default=TIMESTEPS,
                       help='diffusion steps T (linear betas from 1e-4 to 0.02 whatever T is)')
     ddpm.add_argument('--sample-every', type=positive_int, default=SAMPLE_EVERY,
@@ -83,21 +99,25 @@ def parse_args(argv=None):
                            "PSNR of unrelated test-image pairs")
     ddpm.add_argument('--compare-vae', default=None, metavar='RUN_DIR',
                       help='a train_vae.py run folder: its samples are shown beside the DDPM ones in 2.2d')
-    ddpm.add_argument('--ema-decay', type=float, default=EMA_DECAY,
+    ddpm.add_argument('--ema-decay', type=float, default=None,
                       help='exponential moving average of the weights, updated every step; samples and the t\' '
-                           'sweep use it (0 = sample from the raw weights)')
-    ddpm.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddpm',
+                           'sweep use it (0 = sample from the raw weights); default: the recipe\'s (0.995)')
+    ddpm.add_argument('--sampler', choices=['ddpm', 'ddim'], default=None,
                       help='sampler of the 2.2b/2.2d figures: the exact DDPM ancestral chain with T steps (the '
-                           'seed\'s), or deterministic DDIM (eta=0) with --sample-steps steps. The final stage also '
-                           'times and scores DDIM with 50 and 100 steps beside DDPM')
+                           'seed\'s), or deterministic DDIM (eta=0) with --sample-steps steps; default: the '
+                           'recipe\'s. The final stage also times and scores DDIM with 50 and 100 steps beside DDPM')
     ddpm.add_argument('--sample-steps', type=positive_int, default=50, help='DDIM steps when --sampler ddim')
-    ddpm.add_argument('--clip-denoised', action='store_true',
+    ddpm.add_argument('--clip-denoised', action=argparse.BooleanOptionalAction, default=None,
                       help="clip each sampling step's predicted x_0 to [-1, 1] (lucidrains' clip_denoised, "
-                           "diffusers' clip_sample); off by default, as the template's p_sample")
+                           "diffusers' clip_sample); default: the recipe's (off for assignment, as the template's "
+                           "p_sample; on for cpu)")
     ddpm.add_argument('--inception-fid', action='store_true',
                       help='also report the standard Inception FID of the final samples against the quality '
                            'reference (needs torch-fidelity and the Inception weights: a connected machine)')
     args = parser.parse_args(argv)
+    for key, value in RECIPES[args.recipe].items():   # the recipe fills the flags not given
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if not 0 <= args.ema_decay < 1:
         parser.error(f'--ema-decay must be in [0, 1), got {args.ema_decay}')
     if args.timesteps < 2:
@@ -328,6 +348,7 @@ def train(args, command='python train_ddpm.py', ranks=None):
     print(f'U-Net: {sum(p.numel() for p in model.parameters()):,} parameters; T={args.timesteps}; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
+    reference = to_unit_range(test_x[:QUALITY_REFERENCE])     # what the digit FD compares samples against
     samples = None
 
     # ---- training loop
@@ -352,17 +373,21 @@ def train(args, command='python train_ddpm.py', ranks=None):
                 samples, row['sample_seconds'] = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
                                                               args.sampler, args.sample_steps, clip=args.clip_denoised)
                 state['sample_seconds'] = row['sample_seconds']
+                # the digit FD of every sampled batch: quality against training minutes (the recipes' comparison)
+                row['digit_fd'] = digit_quality(digit_net[0], samples, reference)['digit_fd']
                 state['figures']['2.2b'].append(save_image_grid(
                     samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
                     f'Samples after epoch {epoch} ({sampler}, same seed every time'
                     + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
             run.folder.log_metrics(row)
             tqdm.write(f'epoch {epoch}: loss {row["train_loss"]:.4f}, {seconds:.1f} s'
-                       + (f', sampling {row["sample_seconds"]:.1f} s' if 'sample_seconds' in row else ''))
+                       + (f', sampling {row["sample_seconds"]:.1f} s, digit FD {row["digit_fd"]:.1f}'
+                          if 'sample_seconds' in row else ''))
             run.save(epoch)
     if not ranks.is_main:
         return None
-    return final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x)
+    return final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x,
+                       reference)
 
 
 @dataclass
@@ -389,14 +414,25 @@ def restoration_sweep(args, run, diffusion, model, test_x, epoch):
     return Sweep(t_star, threshold, chance, restored_psnr, noised_psnr, figures)
 
 
-def sample_quality(args, digit_net, samples, train_x, reference, vae):
-    """The digit measure of the samples, of as many training images and (with --compare-vae) of the VAE's."""
+def sample_quality(args, diffusion, model, digit_net, samples, train_x, reference, vae):
+    """The digit measure of the samples, of as many training images and (with --compare-vae) of the VAE's. Each
+    also scores a second draw of as many images (digit_fd_redraw: the next seed, the next training images), so
+    that a difference between rows can be set against the spread between two draws of one row."""
+    n = len(samples)
+    redraw, _ = draw_samples(diffusion, model, n, args.seed + 1, args.sampler, args.sample_steps,
+                             clip=args.clip_denoised)
     quality = Quality(ddpm=digit_quality(digit_net, samples, reference),
-                      reference=digit_quality(digit_net, to_unit_range(train_x[:len(samples)]), reference))
+                      reference=digit_quality(digit_net, to_unit_range(train_x[:n]), reference))
+    quality.ddpm['digit_fd_redraw'] = digit_quality(digit_net, redraw, reference)['digit_fd']
+    if len(train_x) >= 2 * n:
+        quality.reference['digit_fd_redraw'] = digit_quality(digit_net, to_unit_range(train_x[n:2 * n]),
+                                                             reference)['digit_fd']
     if vae is not None:
         torch.manual_seed(args.seed)
-        quality.vae_samples, quality.vae_epoch = vae[0].sample(args.num_samples), vae[1]
+        quality.vae_samples, quality.vae_epoch = vae[0].sample(n), vae[1]
         quality.vae = digit_quality(digit_net, quality.vae_samples, reference)
+        torch.manual_seed(args.seed + 1)
+        quality.vae['digit_fd_redraw'] = digit_quality(digit_net, vae[0].sample(n), reference)['digit_fd']
     if args.inception_fid:
         quality.ddpm['inception_fd'] = inception_fd(samples, reference, device=samples.device)
     return quality
@@ -417,7 +453,7 @@ def compare_samplers(args, diffusion, model, digit_net, reference, samples, samp
     return samplers
 
 
-def final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x):
+def final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x, reference):
     """2.2a, 2.2c, 2.2d, the sample quality and the samplers' comparison (rank 0 alone): summary.json."""
     rows = run.folder.read_metrics()
     epoch = rows[-1]['epoch']
@@ -432,9 +468,9 @@ def final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_n
         note=f'sampling one batch of {args.num_samples} images ({sampler}): {sample_seconds:.1f} s')]
     sweep = restoration_sweep(args, run, diffusion, sample_model, test_x, epoch)
     figures['2.2c'] = sweep.figures
+    run.folder.save_samples(samples)
     digit_net, digit_info = digit_net
-    reference = to_unit_range(test_x[:QUALITY_REFERENCE])
-    quality = sample_quality(args, digit_net, samples, train_x, reference, vae)
+    quality = sample_quality(args, diffusion, sample_model, digit_net, samples, train_x, reference, vae)
     samplers = compare_samplers(args, diffusion, sample_model, digit_net, reference, samples, sample_seconds)
     figures['2.2d'] = [save_final_samples(run.folder, samples, epoch, sampler, quality, len(reference))]
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),

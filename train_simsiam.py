@@ -3,12 +3,14 @@
     python train_simsiam.py --experiment all         # baseline + every variant, every figure (GPU: a few hours)
     python train_simsiam.py --experiment 3.4 --epochs 3 --limit-train 2048 --limit-test 512   # a CPU taste
 
-Two recipes (docs/api.md): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR ResNet-18 (3x3 stride-1
+Three recipes (docs/api.md): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR ResNet-18 (3x3 stride-1
 stem, no max-pool), batch 512, random-resized-crop scale (0.2, 1). `assignment` is the course template exactly:
 torchvision's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). Both: SGD momentum 0.9, weight decay 5e-4,
 lr 0.03 * batch / 256 (--lr is that base rate per 256 images, as in the official code) with cosine decay per epoch
-(the predictor's lr kept fixed), 100 epochs.
+(the predictor's lr kept fixed), 100 epochs. `cpu` is the tuned recipe on a ResNet-18 a quarter as wide
+(studylib.narrow_resnet) at batch 128, for the CPU-scale study (docs/results.md gives its command).
 """
+import copy
 import math
 import os
 
@@ -23,6 +25,7 @@ from studylib import UserError
 from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment, torchvision_pipeline
 from studylib.cli import make_parser, positive_float, positive_int, run_main
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
+from studylib.narrow_resnet import narrow_cifar_resnet18
 from studylib.dist import Ranks, all_sum, check_batch, gather_rows, setup, sync_batchnorm, wrap
 from studylib.plots import pyplot
 from studylib.run import (RunDir, lock_dir, make_config, prepare_out_dir, read_summary, refuse_finished,
@@ -45,6 +48,8 @@ HYPERPARAMETERS = dict(epochs=EPOCHS, base_lr=BASE_LR, momentum=MOMENTUM, weight
 RECIPES = {
     'tuned': dict(arch='cifar_resnet18', batch_size=512, crop_scale=(0.2, 1.0)),
     'assignment': dict(arch='resnet18', batch_size=1024, crop_scale=(0.08, 1.0)),
+    # the CPU study (docs/results.md): the tuned recipe on a ResNet-18 a quarter as wide (studylib.narrow_resnet)
+    'cpu': dict(arch='narrow_cifar_resnet18', batch_size=128, crop_scale=(0.2, 1.0)),
 }
 # Each variant changes one thing of the baseline; each question compares the baseline with its variants.
 VARIANTS = {
@@ -80,8 +85,9 @@ def parse_args(argv=None):
     s = parser.add_argument_group('SimSiam study')
     s.add_argument('--recipe', choices=sorted(RECIPES), default='tuned',
                    help='tuned (default): CIFAR ResNet-18, batch 512, crop scale (0.2, 1); assignment: the course '
-                        "template's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). --batch-size defaults "
-                        'to the recipe\'s')
+                        "template's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1); cpu: the tuned recipe on a "
+                        'ResNet-18 a quarter as wide, batch 128 (the CPU study). --batch-size defaults to the '
+                        'recipe\'s')
     s.add_argument('--experiment', choices=['single', *EXPERIMENTS], default='single',
                    help='single: one configuration from the flags; 3.4: with/without stop-gradient; 3.5a: '
                         'baseline and identity predictor; 3.5b: projector 2048 and 4096; all: the baseline and '
@@ -200,7 +206,8 @@ def variant_settings(args, name):
 
 
 def build_model(settings):
-    encoder = q3_solution.cifar_resnet18 if settings['arch'] == 'cifar_resnet18' else _torchvision_resnet18
+    encoder = {'cifar_resnet18': q3_solution.cifar_resnet18, 'resnet18': _torchvision_resnet18,
+               'narrow_cifar_resnet18': narrow_cifar_resnet18}[settings['arch']]
     return q3_solution.SimSiam(encoder, dim=settings['dim'], pred_dim=settings['pred_dim'],
                                stop_gradient=settings['stop_grad'], MLP_mode=PREDICTOR_MODES[settings['predictor']])
 
@@ -287,6 +294,8 @@ def train_config(args, name, data, ranks, command):
     crop_scale = RECIPES[args.recipe]['crop_scale']
     augment, views = SimSiamAugment(crop_scale=crop_scale), Views(train_x, make_augmentation(crop_scale))
     train_x, train_y, test_x, test_y = (t.to(device) for t in data)   # uint8 (N, 3, 32, 32) on the device
+    if run.ckpt is None:   # a fresh start: the monitors before any training are the log's epoch 0
+        initial_monitors(args, run, model, name, settings, augment, (train_x, train_y, test_x, test_y))
 
     for epoch in run.epochs():
         epoch_lr = get_lr(epoch - 1, lr, args.epochs)
@@ -302,9 +311,7 @@ def train_config(args, name, data, ranks, command):
         for idx in loop:
             x1, x2 = two_views(args, augment, train_x, idx, loop, loader)
             loss, z1 = train_step(model, step_model, optimizer, x1, x2, amp)
-            # Collapse indicator (paper Sec. 4.1): per-dimension std of z/||z|| over the batch, averaged;
-            # about 1/sqrt(dim) for a healthy spread, 0 when every image maps to the same vector.
-            collapse = F.normalize(z1.detach(), dim=1).std(dim=0, correction=0).mean()
+            collapse = collapse_indicator(z1)
             loop.record(loss, torch.stack([loss.detach(), collapse]) / ranks.world)   # means over ranks
         sums, seconds = loop.finish()
         with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
@@ -313,6 +320,33 @@ def train_config(args, name, data, ranks, command):
     if not ranks.is_main:
         return None
     return final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y)
+
+
+def collapse_indicator(z):
+    """The paper's collapse monitor (Sec. 4.1): the std over the batch of each dimension of z/||z||, averaged over
+    the dimensions: about 1/sqrt(dim) for a healthy spread, 0 when every image maps to the same vector."""
+    return F.normalize(z.detach(), dim=1).std(dim=0, correction=0).mean()
+
+
+@torch.no_grad()
+def initial_monitors(args, run, model, name, settings, augment, data):
+    """Epoch 0 of the log: the kNN monitor of the untrained model, and the loss and z std of its first batch
+    (measured on a copy in training mode, so that neither the weights, the batch-norm statistics nor the training's
+    random numbers change)."""
+    knn = knn_accuracy(model, *data, args.knn_k, args.knn_t, run.ranks)
+    if not run.ranks.is_main:
+        return
+    train_x = data[0]
+    with torch.random.fork_rng(devices=[train_x.device] if train_x.is_cuda else []):
+        torch.manual_seed(args.seed)
+        x = train_x[:args.batch_size]                                        # (B, 3, 32, 32) uint8
+        x1, x2 = (augment.apply(x, augment.sample_params(len(x), *x.shape[-2:])) for _ in range(2))
+        probe = copy.deepcopy(model).train()
+        p1, p2, z1, z2 = probe(to_device_batch(x1, x.device), to_device_batch(x2, x.device))
+        loss, z_std = float(probe.loss(p1, p2, z1, z2)), float(collapse_indicator(z1))
+    run.folder.log_metrics(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, lr=None, seconds=0.0))
+    tqdm.write(f'{name} before training: loss {loss:.4f} (first batch), kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
+               f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f})')
 
 
 def end_of_epoch(args, run, model, name, settings, epoch, lr, means, seconds, data):
@@ -330,10 +364,14 @@ def end_of_epoch(args, run, model, name, settings, epoch, lr, means, seconds, da
 
 def final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y):
     """The linear probe on the frozen backbone and the configuration's summary.json (rank 0)."""
-    rows = run.folder.read_metrics()
+    log = run.folder.read_metrics()
+    init = [r for r in log if r['epoch'] == 0]   # the untrained model (absent in runs logged before epoch 0 was)
+    rows = [r for r in log if r['epoch'] > 0]
     probe = linear_probe(model, train_x, train_y, test_x, test_y, PROBE_EPOCHS)
     metrics = dict(configuration=name, epochs=rows[-1]['epoch'], final_train_loss=rows[-1]['train_loss'],
                    final_knn_top1=rows[-1]['knn_top1'], best_knn_top1=max(r['knn_top1'] for r in rows),
+                   init_knn_top1=init[0]['knn_top1'] if init else None,
+                   init_z_std=init[0]['z_std'] if init else None, min_train_loss=min(r['train_loss'] for r in rows),
                    final_z_std=rows[-1]['z_std'], linear_probe_top1=probe, num_train=len(train_x),
                    num_test=len(test_x), **time_metrics(rows), device=run.config['device_name'], **settings)
     run.folder.write_summary('simsiam', {}, metrics)

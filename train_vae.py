@@ -276,9 +276,11 @@ def final_stage(args, run, model, figures, figure_rng, train_x, train_y, test_x,
                                         f'({len(train_x)} SVHN images per epoch)')]
     model.eval()
     torch.manual_seed(args.seed + 1)   # not args.seed: that would redraw the fixed z of the 1.3b grids
-    figures['1.3d'] = [save_image_grid(model.sample(64), run.folder.file('1.3d_final_samples.png'),
+    samples = model.sample(64)                                        # (64, 3, 32, 32) in [-1, 1]
+    figures['1.3d'] = [save_image_grid(samples, run.folder.file('1.3d_final_samples.png'),
                                        f'64 samples from the VAE after {epoch} epochs '
                                        f'(decoder mean of z ~ N(0,I))')]
+    run.folder.save_samples(samples)
     figures['1.3e'] = [save_latent_profiles(model, train_x, train_y, args.profile_per_class, run.folder, epoch)]
     figures['1.3f'] = [save_interpolations(model, test_x, test_y, run.folder, epoch, figure_rng)]
     ll = test_log_likelihood(model, test_x, args.ll_k)

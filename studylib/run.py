@@ -266,6 +266,15 @@ class RunDir:
     def write_json(self, name, obj):
         write_atomically(self.file(name), (json.dumps(obj, indent=2, default=str) + '\n').encode())
 
+    def save_samples(self, images, name='samples.npz'):
+        """Final samples (N, 3, H, W) in [-1, 1] as samples.npz: uint8 (N, H, W, 3) under 'arr_0', the layout
+        openai/guided-diffusion's evaluation suite reads, so that any evaluator can score them its own way."""
+        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, pixels.permute(0, 2, 3, 1).numpy())   # (N, H, W, 3)
+        write_atomically(self.file(name), buffer.getvalue())
+        return self.file(name)
+
     def log_metrics(self, row):
         try:
             with open(self.metrics_path, 'a') as f:
