@@ -1,12 +1,14 @@
 """Build the study's report.pdf from finished run folders: every figure, metric table and written answer.
 
-    python make_report.py plots/vae plots/ddpm plots/ddpm-compare plots/ddpm-probe plots/simsiam --out plots/report.pdf
+    python make_report.py plots/vae plots/ddpm plots/ddpm-recipes plots/ddpm-compare plots/ddpm-probe plots/simsiam \
+        --out plots/report.pdf
 
 Reads only each run folder's summary.json (docs/api.md) and the written answers in
 report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
-summary's "model" (vae, ddpm, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its "metrics" and FORMAT is
-an optional Python format spec, so the text never drifts from the runs. A run that was not given shows as
-"not run yet: <command>" wherever it is needed; the report is still built.
+summary's "model" (vae, ddpm, ddpm-recipes, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its
+"metrics" and FORMAT is an optional Python format spec, so the text never drifts from the runs. A run that was not
+given shows as "not run yet: <command>" wherever it is needed; the report is still built. Each problem's section
+states the scale of its runs and the command of the full-size GPU run.
 
 Every user error is one line (exit status 2) before the slow work: an --out that cannot be written (empty, a folder,
 below a file, a forbidden or read-only place, an existing file that is not a PDF), a summary.json that is not a
@@ -33,8 +35,8 @@ DEFAULT_ANSWERS = os.path.join(ROOT, 'report', 'answers.md')
 PROBLEMS = [
     ('Problem 1: a variational autoencoder on SVHN', ['vae'],
      ['1.3a', '1.3b', '1.3c', '1.3d', '1.3e', '1.3f']),
-    ('Problem 2: a denoising diffusion model on SVHN', ['ddpm', 'ddpm-compare', 'ddpm-probe'],
-     ['2.2a', '2.2b', '2.2c', '2.2d', '2.3a', '2.3b']),
+    ('Problem 2: a denoising diffusion model on SVHN', ['ddpm', 'ddpm-recipes', 'ddpm-compare', 'ddpm-probe'],
+     ['2.2a', '2.2b', '2.2c', '2.2d', '2.2e', '2.3a', '2.3b']),
     ('Problem 3: SimSiam on CIFAR-10', ['simsiam'],
      ['3.4', '3.5a', '3.5b', '3.5c', '3.6', '3.7', '3.8', '3.9']),
 ]
@@ -42,17 +44,22 @@ QUESTION_IDS = [qid for _, _, ids in PROBLEMS for qid in ids]
 # The run whose figures answer each question; the others are written answers only.
 FIGURE_SOURCE = {**{q: 'vae' for q in QUESTION_IDS if q.startswith('1.')},
                  **{q: 'ddpm' for q in ('2.2a', '2.2b', '2.2c', '2.2d')},
-                 '2.3a': 'ddpm-compare', '2.3b': 'ddpm-probe', '3.4': 'simsiam', '3.5a': 'simsiam', '3.5b': 'simsiam'}
+                 '2.2e': 'ddpm-recipes', '2.3a': 'ddpm-compare', '2.3b': 'ddpm-probe',
+                 '3.4': 'simsiam', '3.5a': 'simsiam', '3.5b': 'simsiam'}
 HOW_TO_RUN = {
     'vae': 'python train_vae.py --out-dir runs/vae',
     'ddpm': 'python train_ddpm.py --compare-vae runs/vae --out-dir runs/ddpm',
+    'ddpm-recipes': 'python train_ddpm.py --recipe assignment --sampler ddim --clip-denoised --sample-every 4 '
+                    '--out-dir runs/ddpm-assignment, the same with --recipe cpu --out-dir runs/ddpm-cpu, then python '
+                    'compare_ddpm.py --by recipe runs/ddpm-assignment runs/ddpm-cpu --out-dir runs/ddpm-recipes',
     'ddpm-compare': 'python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500, the same with --timesteps 1500 '
                     '--out-dir runs/ddpm-T1500, then python compare_ddpm.py runs/ddpm-T500 runs/ddpm '
                     'runs/ddpm-T1500 --out-dir runs/ddpm-compare',
     'ddpm-probe': 'python probe_ddpm.py --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe',
     'simsiam': 'python train_simsiam.py --experiment all --out-dir runs/simsiam',
 }
-RUN_TITLES = {'vae': 'VAE run', 'ddpm': 'DDPM run', 'ddpm-compare': '2.3a: DDPM runs against T',
+RUN_TITLES = {'vae': 'VAE run', 'ddpm': 'DDPM run', 'ddpm-recipes': '2.2e: DDPM training recipes at equal wall time',
+              'ddpm-compare': '2.3a: DDPM runs against T',
               'ddpm-probe': '2.3b: linear probe of frozen features', 'simsiam': 'SimSiam runs'}
 PLACEHOLDER = re.compile(r'\{\{\s*([A-Za-z0-9_.-]+?)\s*(?::([^}]*))?\}\}')
 MISSING = '\x00'   # marks text that reports a missing run or number, rendered in red
@@ -295,6 +302,26 @@ def provenance_text(path, summary):
     return '; '.join(parts)
 
 
+def scale_text(key, summary):
+    """At which scale a run was made (epochs, training images, device), read from its summary, and the command of
+    the full-size GPU run: each problem's section states both."""
+    metrics = summary['metrics']
+    if key in ('simsiam', 'ddpm-compare'):   # one entry per configuration (per T): the baseline's (T=1000) scale
+        entries = [v for v in metrics.values() if isinstance(v, dict)]
+        metrics = metrics.get('baseline') or metrics.get('T1000') or (entries[0] if entries else {})
+    parts = []
+    if 'epochs' in metrics:
+        parts.append(f'{metrics["epochs"]} epochs')
+    if 'num_train' in metrics:
+        parts.append(f'{metrics["num_train"]:,} training images')
+    if metrics.get('arch'):
+        parts.append(f'encoder {metrics["arch"]}')
+    if metrics.get('device'):
+        parts.append(metrics['device'])
+    scale = ', '.join(parts) if parts else 'the runs listed in its table'
+    return f'Scale of this run: {scale}. The full-size GPU run: `{HOW_TO_RUN[key]}`.'
+
+
 def figure_block(qid, path, summary, styles, frame_width, max_height):
     """The question's figures, small ones two to a row, each captioned with its id and the run's provenance."""
     from reportlab.platypus import KeepTogether, Paragraph
@@ -428,6 +455,7 @@ def build(runs, answers_text, out_path):
                 path, summary = runs[key]
                 story.append(Paragraph(inline(f'Measured: {RUN_TITLES[key]}'), styles['h3']))
                 story.append(Paragraph(inline(provenance_text(path, summary)), styles['caption']))
+                story.append(Paragraph(inline(scale_text(key, summary)), styles['caption']))
                 story += metric_tables(summary['metrics'], styles, frame_width)
                 story.append(Spacer(1, 6))
         for qid in qids:

@@ -149,6 +149,9 @@ def compare(run_dirs, out_dir, command):
         ax.set_xticks(ts)
         ax.set_ylim(0, 1.2 * top)  # from zero: a few per cent of timing noise is not a trend
         ax.grid(alpha=0.3)
+    if all('digit_fd_redraw' in m for m in runs):   # a second draw of each: the spread to judge differences by
+        axes[2].plot(ts, [m['digit_fd_redraw'] for m in runs], marker='x', ls=':', color='tab:blue',
+                     label='second draw (next seed)')
     axes[2].axhline(reference, color='grey', ls='--',
                     label=f'calibration: {runs[0]["sample_batch"]} training images')
     axes[2].legend(fontsize=8, loc='center right')
@@ -161,24 +164,95 @@ def compare(run_dirs, out_dir, command):
     fig.savefig(figure, dpi=110)
     plt.close(fig)
 
-    lines = ['| T | epochs | train s/epoch | sampling s (batch) | digit FD | digit confidence | t* | run |',
-             '|---|---|---|---|---|---|---|---|']
+    redraw = lambda m, prefix='': (f'{m[prefix + "digit_fd_redraw"]:.2f}' if prefix + 'digit_fd_redraw' in m
+                                   else 'n/a')
+    lines = [f'Sampler: {", ".join(sorted({m.get("sampler", "not recorded") for m in runs}))}. The second draw is '
+             f'the same number of images from the next seed (for the calibration row, the next training images).',
+             '',
+             '| T | epochs | train s/epoch | sampling s (batch) | digit FD | digit FD, second draw | digit confidence '
+             '| t* | run |',
+             '|---|---|---|---|---|---|---|---|---|']
     for m in runs:
         lines.append(f'| {m["timesteps"]} | {m["epochs"]} | {m["seconds_per_epoch_mean"]:.1f} | '
-                     f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["digit_fd"]:.2f} | '
+                     f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["digit_fd"]:.2f} | {redraw(m)} | '
                      f'{m["digit_confidence"]:.3f} | '
                      f'{m["t_star"]} | {m["run"]} |')
     ref = runs[0]
     lines.append(f'| training images (calibration) | | | ({ref["sample_batch"]}) | {ref["reference_digit_fd"]:.2f} | '
-                 f'{ref["reference_digit_confidence"]:.3f} | | |')
+                 f'{redraw(ref, "reference_")} | {ref["reference_digit_confidence"]:.3f} | | |')
     with open(out.file('2.3a_table.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
-    metrics = {f'T{m["timesteps"]}': {k: m[k] for k in ('epochs', 'seconds_per_epoch_mean', 'sample_seconds',
-                                                          'sample_batch', 'digit_fd', 'digit_confidence',
-                                                          'reference_digit_fd', 'reference_digit_confidence', 't_star',
-                                                          'device', 'run')} for m in runs}
+    keys = ('epochs', 'seconds_per_epoch_mean', 'sample_seconds', 'sample_batch', 'digit_fd', 'digit_fd_redraw',
+            'digit_confidence', 'reference_digit_fd', 'reference_digit_confidence', 't_star', 'sampler', 'device',
+            'run')
+    metrics = {f'T{m["timesteps"]}': {k: m[k] for k in keys if k in m} for m in runs}
     out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
     print('\n'.join(lines))
+    return metrics
+
+
+def read_recipe_run(path):
+    """(label, [(training minutes, digit FD)], summary metrics) of a finished train_ddpm.py run whose log scored
+    its sampled batches (digit_fd in metrics.jsonl)."""
+    metrics = read_ddpm_run(path)
+    folder = RunDir(path)
+    try:
+        with open(folder.file('config.json'), encoding='utf-8') as f:
+            args = json.load(f)['args']
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f'{folder.file("config.json")} is missing or not a run configuration ({exc}); pass '
+                        f'finished train_ddpm.py run folders') from exc
+    minutes, curve = 0.0, []
+    for row in folder.read_metrics():
+        minutes += row['seconds'] / 60
+        if 'digit_fd' in row:
+            curve.append((minutes, row['digit_fd']))
+    if not curve:
+        raise UserError(f'{folder.metrics_path} holds no digit_fd row: the run was made before train_ddpm.py scored '
+                        f'its sampled batches; rerun it with this code')
+    label = (f'{args.get("recipe", "assignment")} recipe ({os.path.basename(os.path.normpath(path))}): batch '
+             f'{args["batch_size"]}, Adam {args["lr"]:g}, EMA {args["ema_decay"]:g}')
+    return label, curve, metrics
+
+
+def compare_recipes(run_dirs, out_dir, command):
+    """The training recipes at equal wall time: the digit FD of each sampled batch against the training minutes
+    spent to reach it (sampling time not counted), one line per run, with the VAE and training-image levels."""
+    check_out_dir(out_dir, [(None, p) for p in run_dirs])
+    if len({os.path.realpath(p) for p in run_dirs}) != len(run_dirs):
+        raise UserError('the same run folder was given twice: give each run once')
+    runs = [read_recipe_run(p) + (p,) for p in run_dirs]
+    samplers = sorted({m['sampler'] for _, _, m, _ in runs if 'sampler' in m})
+    open_out_dir(out_dir)
+    out = RunDir(out_dir)
+    out.write_json('config.json', {'model': 'ddpm-recipes', 'runs': list(run_dirs), 'command': command,
+                                   'git_commit': git_commit()})
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for label, curve, _, _ in runs:
+        ax.plot(*zip(*curve), marker='o', label=label)
+    first = runs[0][2]
+    n = first['quality_samples'] if 'quality_samples' in first else first['sample_batch']
+    if 'vae_digit_fd' in first:
+        ax.axhline(first['vae_digit_fd'], color='tab:red', ls='--', label=f'VAE samples ({n})')
+    ax.axhline(first['reference_digit_fd'], color='grey', ls='--', label=f'training images ({n}, calibration)')
+    ax.set_xlabel('training time (minutes, sampling not counted)')
+    ax.set_ylabel(f'digit FD of {n} samples to test images\n(lower is better)')
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f'DDPM training recipes at equal wall time ({first["device"]})\nsamples: {"; ".join(samplers)}, '
+                 f'same seed at every point', fontsize=10)
+    fig.tight_layout()
+    figure = out.file('recipes_fd_vs_minutes.png')
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    metrics = {path: dict(label=label, minutes=[round(m, 2) for m, _ in curve], digit_fd=[fd for _, fd in curve],
+                          final_digit_fd=summary['digit_fd'], sampler=summary.get('sampler'))
+               for label, curve, summary, path in runs}
+    out.write_summary('ddpm-recipes', {'recipes': [figure]}, metrics)
+    for label, curve, _, _ in runs:
+        print(f'{label}: ' + ', '.join(f'{m:.0f} min: FD {fd:.0f}' for m, fd in curve))
     return metrics
 
 

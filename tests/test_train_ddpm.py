@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -57,10 +58,36 @@ def test_every_figure_and_the_t_star_metric(ddpm_runs):
         assert m[prefix + 'digit_fd'] >= 0 and 0.1 <= m[prefix + 'digit_confidence'] <= 1
     assert m['quality_samples'] == 4 and m['quality_reference'] == 16 and m['digit_net_test_accuracy'] > 10
     assert t20['t_primes'] == [0, 5, 19] and t20['t_star'] in (0, 5, 19)
+    for prefix in ('', 'vae_', 'reference_'):   # a second draw of each, to judge differences by
+        assert m[prefix + 'digit_fd_redraw'] >= 0 and m[prefix + 'digit_fd_redraw'] != m[prefix + 'digit_fd']
     rows = [json.loads(line) for line in open(root / 'T10' / 'metrics.jsonl')]
     assert [r['epoch'] for r in rows] == [1, 2] and all('sample_seconds' in r for r in rows)
+    assert all(r['digit_fd'] >= 0 for r in rows) and rows[-1]['digit_fd'] == pytest.approx(m['digit_fd'])
+    samples = np.load(root / 'T10' / 'samples.npz')['arr_0']   # guided-diffusion's evaluator layout
+    assert samples.dtype == np.uint8 and samples.shape == (4, 32, 32, 3) and samples.std() > 0
     ckpt = torch.load(root / 'T10' / 'checkpoint.pt', weights_only=True)
     assert ckpt['model_config']['timesteps'] == 10
+
+
+def test_vae_run_keeps_its_final_samples(vae_run):
+    samples = np.load(vae_run / 'samples.npz')['arr_0']
+    assert samples.dtype == np.uint8 and samples.shape == (64, 32, 32, 3) and samples.std() > 0
+
+
+def test_compare_by_recipe_plots_digit_fd_against_training_minutes(ddpm_runs, tmp_path):
+    root, t10, t20 = ddpm_runs
+    out = tmp_path / 'recipes'
+    metrics = compare.main(['--by', 'recipe', str(root / 'T10'), str(root / 'T20'), '--out-dir', str(out)])
+    rows = [json.loads(line) for line in open(root / 'T10' / 'metrics.jsonl')]
+    curve = metrics[str(root / 'T10')]
+    assert curve['digit_fd'] == [r['digit_fd'] for r in rows]
+    expected = [sum(r['seconds'] for r in rows[:i + 1]) / 60 for i in range(len(rows))]
+    assert curve['minutes'] == pytest.approx(expected, abs=0.01) and curve['final_digit_fd'] == t10['digit_fd']
+    assert 'assignment recipe (T10): batch 16' in curve['label']
+    summary = json.load(open(out / 'summary.json'))
+    assert summary['model'] == 'ddpm-recipes' and summary['figures'] == {'recipes': ['recipes_fd_vs_minutes.png']}
+    with Image.open(out / 'recipes_fd_vs_minutes.png') as im:
+        im.verify()
 
 
 def test_compare_writes_the_2_3a_figure_and_table(ddpm_runs, tmp_path):

@@ -41,10 +41,15 @@ def test_experiment_writes_figures_metrics_and_one_folder_per_configuration(expe
         assert 0 <= m['final_knn_top1'] <= 100 and 0 <= m['linear_probe_top1'] <= 100
         assert -1 <= m['final_train_loss'] <= 1 and m['epochs'] == 2
         rows = [json.loads(line) for line in open(out / name / 'metrics.jsonl')]
-        assert [r['epoch'] for r in rows] == [1, 2]
-        assert set(rows[0]) >= {'train_loss', 'knn_top1', 'z_std', 'lr', 'seconds'}
-        assert rows[0]['lr'] == pytest.approx(0.03 * 32 / 256)            # epoch 1: no decay yet
-        assert 0 <= rows[0]['z_std'] <= 1 / math.sqrt(64) + 1e-6          # std of unit vectors' coordinates
+        assert [r['epoch'] for r in rows] == [0, 1, 2]                    # epoch 0: the untrained model
+        assert rows[0]['lr'] is None and rows[0]['seconds'] == 0
+        assert m['init_knn_top1'] == rows[0]['knn_top1'] and m['init_z_std'] == rows[0]['z_std']
+        assert m['train_seconds_total'] == pytest.approx(rows[1]['seconds'] + rows[2]['seconds'])
+        for row in rows:
+            assert set(row) >= {'train_loss', 'knn_top1', 'z_std', 'lr', 'seconds'}
+            assert 0 <= row['z_std'] <= 1 / math.sqrt(64) + 1e-6          # std of unit vectors' coordinates
+            assert -1 <= row['train_loss'] <= 1 and 0 <= row['knn_top1'] <= 100
+        assert rows[1]['lr'] == pytest.approx(0.03 * 32 / 256)            # epoch 1: no decay yet
         assert (out / name / 'checkpoint.pt').exists()
 
 
