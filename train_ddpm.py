@@ -344,7 +344,6 @@ def train(args, command='python train_ddpm.py', ranks=None):
     ema = make_ema(model, args.ema_decay, state['ema'])
     state['ema'] = ema.state_dict if ema is not None else None   # called at each save
     sample_model = ema.module if ema is not None else model
-    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
     print(f'U-Net: {sum(p.numel() for p in model.parameters()):,} parameters; T={args.timesteps}; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
@@ -366,28 +365,37 @@ def train(args, command='python train_ddpm.py', ranks=None):
             loop.record(loss, loss.detach().view(1) * len(idx))
         loss_sum, seconds = loop.finish()
         with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
-            if not ranks.is_main:   # rank 0 alone samples, writes the log, the figures and the checkpoint
-                continue
-            row = dict(epoch=epoch, train_loss=float(loss_sum) / loop.images, seconds=seconds)
-            if epoch % args.sample_every == 0 or epoch == args.epochs:
-                samples, row['sample_seconds'] = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                                              args.sampler, args.sample_steps, clip=args.clip_denoised)
-                state['sample_seconds'] = row['sample_seconds']
-                # the digit FD of every sampled batch: quality against training minutes (the recipes' comparison)
-                row['digit_fd'] = digit_quality(digit_net[0], samples, reference)['digit_fd']
-                state['figures']['2.2b'].append(save_image_grid(
-                    samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
-                    f'Samples after epoch {epoch} ({sampler}, same seed every time'
-                    + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
-            run.folder.log_metrics(row)
-            tqdm.write(f'epoch {epoch}: loss {row["train_loss"]:.4f}, {seconds:.1f} s'
-                       + (f', sampling {row["sample_seconds"]:.1f} s, digit FD {row["digit_fd"]:.1f}'
-                          if 'sample_seconds' in row else ''))
-            run.save(epoch)
+            if ranks.is_main:       # rank 0 alone samples, writes the log, the figures and the checkpoint
+                drawn = end_of_epoch(args, run, state, diffusion, sample_model, ema, digit_net, reference, epoch,
+                                     float(loss_sum) / loop.images, seconds)
+                samples = drawn if drawn is not None else samples
     if not ranks.is_main:
         return None
     return final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x,
                        reference)
+
+
+def end_of_epoch(args, run, state, diffusion, sample_model, ema, digit_net, reference, epoch, train_loss, seconds):
+    """The epoch's log row and checkpoint; every --sample-every epochs (and the last) also a batch of samples, its
+    figure and its digit FD, so that quality can be read against training minutes. Returns the samples or None."""
+    row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
+    samples = None
+    if epoch % args.sample_every == 0 or epoch == args.epochs:
+        samples, row['sample_seconds'] = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
+                                                      args.sampler, args.sample_steps, clip=args.clip_denoised)
+        state['sample_seconds'] = row['sample_seconds']
+        row['digit_fd'] = digit_quality(digit_net[0], samples, reference)['digit_fd']
+        sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
+        state['figures']['2.2b'].append(save_image_grid(
+            samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
+            f'Samples after epoch {epoch} ({sampler}, same seed every time'
+            + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
+    run.folder.log_metrics(row)
+    tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
+               + (f', sampling {row["sample_seconds"]:.1f} s, digit FD {row["digit_fd"]:.1f}'
+                  if samples is not None else ''))
+    run.save(epoch)
+    return samples
 
 
 @dataclass

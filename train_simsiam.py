@@ -332,10 +332,9 @@ def collapse_indicator(z):
 def initial_monitors(args, run, model, name, settings, augment, data):
     """Epoch 0 of the log: the kNN monitor of the untrained model, and the loss and z std of its first batch
     (measured on a copy in training mode, so that neither the weights, the batch-norm statistics nor the training's
-    random numbers change)."""
+    random numbers change). Every rank runs the copy on the same batch: its batch norms are synchronised across the
+    ranks, so a forward pass on rank 0 alone would wait for the others forever."""
     knn = knn_accuracy(model, *data, args.knn_k, args.knn_t, run.ranks)
-    if not run.ranks.is_main:
-        return
     train_x = data[0]
     with torch.random.fork_rng(devices=[train_x.device] if train_x.is_cuda else []):
         torch.manual_seed(args.seed)
@@ -344,6 +343,8 @@ def initial_monitors(args, run, model, name, settings, augment, data):
         probe = copy.deepcopy(model).train()
         p1, p2, z1, z2 = probe(to_device_batch(x1, x.device), to_device_batch(x2, x.device))
         loss, z_std = float(probe.loss(p1, p2, z1, z2)), float(collapse_indicator(z1))
+    if not run.ranks.is_main:
+        return
     run.folder.log_metrics(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, lr=None, seconds=0.0))
     tqdm.write(f'{name} before training: loss {loss:.4f} (first batch), kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
                f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f})')
