@@ -6,7 +6,7 @@
 Reads only each run folder's summary.json (docs/api.md) and the written answers in
 report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
 summary's "model" (vae, ddpm, ddpm-recipes, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its
-"metrics" and FORMAT is an optional Python format spec, so the text never drifts from the runs. A run that was not
+"metrics" (a number picks a list's entry) and FORMAT is an optional Python format spec, so the text never drifts from the runs. A run that was not
 given shows as "not run yet: <command>" wherever it is needed; the report is still built. Each problem's section
 states the scale of its runs and the command of the full-size GPU run.
 
@@ -172,6 +172,9 @@ def lookup(runs, path, spec, told=None):
         return MISSING + f'not run yet: {HOW_TO_RUN.get(key, key)}' + MISSING
     value = runs[key][1]['metrics']
     for k in keys:
+        if isinstance(value, list) and k.isdigit() and int(k) < len(value):   # a list's entry by its index
+            value = value[int(k)]
+            continue
         if not isinstance(value, dict) or k not in value:
             if key == 'simsiam' and value is runs[key][1]['metrics']:   # a configuration the experiment lacks
                 if told is not None and f'{key}.{k}' in told:

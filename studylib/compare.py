@@ -219,8 +219,10 @@ def compare_recipes(run_dirs, out_dir, command):
     """The training recipes at equal wall time: the digit FD of each sampled batch against the training minutes
     spent to reach it (sampling time not counted), one line per run, with the VAE and training-image levels."""
     check_out_dir(out_dir, [(None, p) for p in run_dirs])
-    if len({os.path.realpath(p) for p in run_dirs}) != len(run_dirs):
-        raise UserError('the same run folder was given twice: give each run once')
+    names = [os.path.basename(os.path.normpath(p)) for p in run_dirs]   # the metrics' keys
+    if len(set(names)) != len(names):
+        raise UserError(f'two of the runs have the same folder name ({", ".join(names)}): the comparison names each '
+                        f'run by its folder; rename one')
     runs = [read_recipe_run(p) + (p,) for p in run_dirs]
     samplers = sorted({m['sampler'] for _, _, m, _ in runs if 'sampler' in m})
     open_out_dir(out_dir)
@@ -247,9 +249,10 @@ def compare_recipes(run_dirs, out_dir, command):
     figure = out.file('recipes_fd_vs_minutes.png')
     fig.savefig(figure, dpi=110)
     plt.close(fig)
-    metrics = {path: dict(label=label, minutes=[round(m, 2) for m, _ in curve], digit_fd=[fd for _, fd in curve],
+    metrics = {name: dict(label=label, run=path, minutes=[round(m, 2) for m, _ in curve],
+                          digit_fd=[fd for _, fd in curve], train_minutes=round(curve[-1][0], 2),
                           final_digit_fd=summary['digit_fd'], sampler=summary.get('sampler'))
-               for label, curve, summary, path in runs}
+               for name, (label, curve, summary, path) in zip(names, runs)}
     out.write_summary('ddpm-recipes', {'recipes': [figure]}, metrics)
     for label, curve, _, _ in runs:
         print(f'{label}: ' + ', '.join(f'{m:.0f} min: FD {fd:.0f}' for m, fd in curve))

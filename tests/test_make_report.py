@@ -58,6 +58,16 @@ def test_placeholders_take_numbers_from_the_summaries_and_mark_what_is_missing(t
     assert parts[7] == 'not run yet'   # the command for a missing run is given once per answer
 
 
+def test_a_number_in_a_placeholder_picks_a_list_entry(tmp_path):
+    recipes = _run(tmp_path / 'rec', 'ddpm-recipes', {}, {'ddpm-cpu': {'digit_fd': [433.2, 298.7, 206.8]}})
+    runs = make_report.read_runs([recipes])
+    filled = make_report.fill('{{ddpm-recipes.ddpm-cpu.digit_fd.1:.0f}} then {{ddpm-recipes.ddpm-cpu.digit_fd.2}}; '
+                              '{{ddpm-recipes.ddpm-cpu.digit_fd:.0f}}; {{ddpm-recipes.ddpm-cpu.digit_fd.3}}', runs)
+    parts = filled.split(make_report.MISSING)
+    assert parts[0] == '299 then 206.8; 433, 299, 207; '
+    assert parts[1] == f'not measured in {recipes}'
+
+
 def test_report_has_a_page_per_part_and_every_question_id(two_runs, tmp_path):
     out = tmp_path / 'out' / 'report.pdf'
     pages = make_report.main(two_runs + ['--out', str(out)])

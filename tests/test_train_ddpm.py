@@ -79,11 +79,12 @@ def test_compare_by_recipe_plots_digit_fd_against_training_minutes(ddpm_runs, tm
     out = tmp_path / 'recipes'
     metrics = compare.main(['--by', 'recipe', str(root / 'T10'), str(root / 'T20'), '--out-dir', str(out)])
     rows = [json.loads(line) for line in open(root / 'T10' / 'metrics.jsonl')]
-    curve = metrics[str(root / 'T10')]
+    curve = metrics['T10']
     assert curve['digit_fd'] == [r['digit_fd'] for r in rows]
     expected = [sum(r['seconds'] for r in rows[:i + 1]) / 60 for i in range(len(rows))]
     assert curve['minutes'] == pytest.approx(expected, abs=0.01) and curve['final_digit_fd'] == t10['digit_fd']
-    assert 'assignment recipe (T10): batch 16' in curve['label']
+    assert 'assignment recipe (T10): batch 16' in curve['label'] and curve['run'] == str(root / 'T10')
+    assert curve['train_minutes'] == pytest.approx(expected[-1], abs=0.01)
     summary = json.load(open(out / 'summary.json'))
     assert summary['model'] == 'ddpm-recipes' and summary['figures'] == {'recipes': ['recipes_fd_vs_minutes.png']}
     with Image.open(out / 'recipes_fd_vs_minutes.png') as im:
