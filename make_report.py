@@ -49,9 +49,9 @@ FIGURE_SOURCE = {**{q: 'vae' for q in QUESTION_IDS if q.startswith('1.')},
 HOW_TO_RUN = {
     'vae': 'python train_vae.py --out-dir runs/vae',
     'ddpm': 'python train_ddpm.py --compare-vae runs/vae --out-dir runs/ddpm',
-    'ddpm-recipes': 'python train_ddpm.py --recipe assignment --sampler ddim --clip-denoised --sample-every 4 '
-                    '--out-dir runs/ddpm-assignment, the same with --recipe cpu --out-dir runs/ddpm-cpu, then python '
-                    'compare_ddpm.py --by recipe runs/ddpm-assignment runs/ddpm-cpu --out-dir runs/ddpm-recipes',
+    'ddpm-recipes': 'python train_ddpm.py --recipe cpu --sample-every 4 --out-dir runs/ddpm, the same with '
+                    '--recipe assignment --sampler ddim --clip-denoised --out-dir runs/ddpm-assignment, then python '
+                    'compare_ddpm.py --by recipe runs/ddpm-assignment runs/ddpm --out-dir runs/ddpm-recipes',
     'ddpm-compare': 'python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500, the same with --timesteps 1500 '
                     '--out-dir runs/ddpm-T1500, then python compare_ddpm.py runs/ddpm-T500 runs/ddpm '
                     'runs/ddpm-T1500 --out-dir runs/ddpm-compare',

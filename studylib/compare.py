@@ -134,31 +134,42 @@ def compare(run_dirs, out_dir, command):
     out = RunDir(out_dir)
     out.write_json('config.json', {'model': 'ddpm-compare', 'runs': list(run_dirs), 'command': command,
                                    'git_commit': git_commit()})
+    for m in runs:   # the exact T-step chain, when the run scored it (train_ddpm.py's samplers comparison)
+        chain = m.get('samplers', {}).get(f'ddpm_{m["timesteps"]}')
+        if isinstance(chain, dict) and {'seconds', 'digit_fd'} <= chain.keys():
+            m['chain_seconds'], m['chain_digit_fd'] = chain['seconds'], chain['digit_fd']
     ts = [m['timesteps'] for m in runs]
+    samplers = ', '.join(sorted({m.get('sampler', 'sampler not recorded') for m in runs}))
     panels = [('seconds_per_epoch_mean', 'training time per epoch (s)'),
-              ('sample_seconds', 'seconds to sample one batch'),
+              ('sample_seconds', f'seconds to sample {runs[0]["sample_batch"]} images'),
               ('digit_fd', 'digit Frechet distance to test images\n(lower is better)')]
     reference = runs[0]['reference_digit_fd']
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    has_chain = all('chain_seconds' in m for m in runs)
     for ax, (key, label) in zip(axes, panels):
         values = [m[key] for m in runs]
-        ax.plot(ts, values, marker='o')
+        ax.plot(ts, values, marker='o', label=samplers if key != 'seconds_per_epoch_mean' else None)
+        if key == 'sample_seconds' and has_chain:   # the exact chain's cost grows with T; DDIM's does not
+            values += [m['chain_seconds'] for m in runs]
+            ax.plot(ts, [m['chain_seconds'] for m in runs], marker='s', color='tab:red',
+                    label='DDPM, all T steps')
+            ax.legend(fontsize=8, loc='upper left')
         top = max(values + ([reference] if key == 'digit_fd' else []))   # the calibration line must stay in view
         ax.set_xlabel('diffusion steps T')
         ax.set_ylabel(label)
         ax.set_xticks(ts)
-        ax.set_ylim(0, 1.2 * top)  # from zero: a few per cent of timing noise is not a trend
+        ax.set_ylim(0, (1.5 if key == 'digit_fd' else 1.2) * top)  # from zero: timing noise is not a trend
         ax.grid(alpha=0.3)
     if all('digit_fd_redraw' in m for m in runs):   # a second draw of each: the spread to judge differences by
         axes[2].plot(ts, [m['digit_fd_redraw'] for m in runs], marker='x', ls=':', color='tab:blue',
-                     label='second draw (next seed)')
+                     label='same, second draw (next seed)')
     axes[2].axhline(reference, color='grey', ls='--',
                     label=f'calibration: {runs[0]["sample_batch"]} training images')
-    axes[2].legend(fontsize=8, loc='center right')
+    axes[2].legend(fontsize=8, loc='upper left')
     devices = sorted({m['device'] for m in runs})
     fig.suptitle(f'DDPM trade-off against T ({", ".join(devices)}; epochs: '
-                 f'{", ".join(str(m["epochs"]) for m in runs)}; sampling batch: '
-                 f'{", ".join(str(m["sample_batch"]) for m in runs)})', fontsize=10)
+                 f'{", ".join(str(m["epochs"]) for m in runs)}; samples scored: {samplers}, '
+                 f'{", ".join(str(m["sample_batch"]) for m in runs)} images)', fontsize=10)
     fig.tight_layout()
     figure = out.file('2.3a_tradeoff.png')
     fig.savefig(figure, dpi=110)
@@ -166,25 +177,27 @@ def compare(run_dirs, out_dir, command):
 
     redraw = lambda m, prefix='': (f'{m[prefix + "digit_fd_redraw"]:.2f}' if prefix + 'digit_fd_redraw' in m
                                    else 'n/a')
-    lines = [f'Sampler: {", ".join(sorted({m.get("sampler", "not recorded") for m in runs}))}. The second draw is '
-             f'the same number of images from the next seed (for the calibration row, the next training images).',
+    chain = lambda m, key, spec: format(m[key], spec) if key in m else 'n/a'
+    lines = [f'Sampler: {samplers}. The second draw is the same number of images from the next seed (for the '
+             f'calibration row, the next training images). The last two columns: the exact DDPM chain over all T '
+             f'steps, same weights and seed.',
              '',
              '| T | epochs | train s/epoch | sampling s (batch) | digit FD | digit FD, second draw | digit confidence '
-             '| t* | run |',
-             '|---|---|---|---|---|---|---|---|---|']
+             '| t* | run | T-step chain s | T-step chain digit FD |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for m in runs:
         lines.append(f'| {m["timesteps"]} | {m["epochs"]} | {m["seconds_per_epoch_mean"]:.1f} | '
                      f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["digit_fd"]:.2f} | {redraw(m)} | '
-                     f'{m["digit_confidence"]:.3f} | '
-                     f'{m["t_star"]} | {m["run"]} |')
+                     f'{m["digit_confidence"]:.3f} | {m["t_star"]} | {m["run"]} | {chain(m, "chain_seconds", ".1f")} '
+                     f'| {chain(m, "chain_digit_fd", ".2f")} |')
     ref = runs[0]
     lines.append(f'| training images (calibration) | | | ({ref["sample_batch"]}) | {ref["reference_digit_fd"]:.2f} | '
-                 f'{redraw(ref, "reference_")} | {ref["reference_digit_confidence"]:.3f} | | |')
+                 f'{redraw(ref, "reference_")} | {ref["reference_digit_confidence"]:.3f} | | | | |')
     with open(out.file('2.3a_table.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     keys = ('epochs', 'seconds_per_epoch_mean', 'sample_seconds', 'sample_batch', 'digit_fd', 'digit_fd_redraw',
             'digit_confidence', 'reference_digit_fd', 'reference_digit_confidence', 't_star', 'sampler', 'device',
-            'run')
+            'run', 'chain_seconds', 'chain_digit_fd')
     metrics = {f'T{m["timesteps"]}': {k: m[k] for k in keys if k in m} for m in runs}
     out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
     print('\n'.join(lines))

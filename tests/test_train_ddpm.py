@@ -102,6 +102,11 @@ def test_compare_writes_the_2_3a_figure_and_table(ddpm_runs, tmp_path):
         im.verify()
     table = open(tmp_path / 'cmp' / '2.3a_table.md').read()
     assert '| 10 |' in table and '| 20 |' in table
+    for name, run in (('T10', t10), ('T20', t20)):   # the exact T-step chain beside the figure's sampler
+        chain = run['samplers'][f'ddpm_{name[1:]}']
+        assert metrics[name]['chain_seconds'] == chain['seconds']
+        assert metrics[name]['chain_digit_fd'] == chain['digit_fd']
+        assert f'| {chain["seconds"]:.1f} | {chain["digit_fd"]:.2f} |' in table
 
 
 def test_compare_refuses_a_vae_run(vae_run, tmp_path):
