@@ -197,6 +197,8 @@ def format_value(value, spec=None):
             pass
     if isinstance(value, float):
         return f'{value:.4g}'
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return ', '.join(format_value(v) for v in value)   # a curve: [433.16255518336345, ...] reads as 433.2, ...
     return str(value)
 
 
@@ -309,7 +311,8 @@ def scale_text(key, summary):
     """At which scale a run was made (epochs, training images, device), read from its summary, and the command of
     the full-size GPU run: each problem's section states both."""
     metrics = summary['metrics']
-    if key in ('simsiam', 'ddpm-compare'):   # one entry per configuration (per T): the baseline's (T=1000) scale
+    if key in ('simsiam', 'ddpm-compare', 'ddpm-recipes'):   # one entry per configuration, T or recipe: the
+        # baseline's (T=1000's, or the first run's) scale
         entries = [v for v in metrics.values() if isinstance(v, dict)]
         metrics = metrics.get('baseline') or metrics.get('T1000') or (entries[0] if entries else {})
     parts = []

@@ -197,7 +197,7 @@ def compare(run_dirs, out_dir, command):
         f.write('\n'.join(lines) + '\n')
     keys = ('epochs', 'seconds_per_epoch_mean', 'sample_seconds', 'sample_batch', 'digit_fd', 'digit_fd_redraw',
             'digit_confidence', 'reference_digit_fd', 'reference_digit_confidence', 't_star', 'sampler', 'device',
-            'run', 'chain_seconds', 'chain_digit_fd')
+            'run', 'chain_seconds', 'chain_digit_fd', 'num_train')
     metrics = {f'T{m["timesteps"]}': {k: m[k] for k in keys if k in m} for m in runs}
     out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
     print('\n'.join(lines))
@@ -264,9 +264,10 @@ def compare_recipes(run_dirs, out_dir, command):
     plt.close(fig)
     metrics = {name: dict(label=label, run=path, minutes=[round(m, 2) for m, _ in curve],
                           digit_fd=[fd for _, fd in curve], train_minutes=round(curve[-1][0], 2),
-                          final_digit_fd=summary['digit_fd'], sampler=summary.get('sampler'))
+                          final_digit_fd=summary['digit_fd'], sampler=summary.get('sampler'),
+                          **{k: summary[k] for k in ('epochs', 'num_train', 'device') if k in summary})
                for name, (label, curve, summary, path) in zip(names, runs)}
-    out.write_summary('ddpm-recipes', {'recipes': [figure]}, metrics)
+    out.write_summary('ddpm-recipes', {'2.2e': [figure]}, metrics)
     for label, curve, _, _ in runs:
         print(f'{label}: ' + ', '.join(f'{m:.0f} min: FD {fd:.0f}' for m, fd in curve))
     return metrics

@@ -66,6 +66,7 @@ def test_a_number_in_a_placeholder_picks_a_list_entry(tmp_path):
     parts = filled.split(make_report.MISSING)
     assert parts[0] == '299 then 206.8; 433, 299, 207; '
     assert parts[1] == f'not measured in {recipes}'
+    assert make_report.format_value([433.16255518336345, 7]) == '433.2, 7'   # a curve in a metrics table
 
 
 def test_report_has_a_page_per_part_and_every_question_id(two_runs, tmp_path):

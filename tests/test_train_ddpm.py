@@ -85,8 +85,9 @@ def test_compare_by_recipe_plots_digit_fd_against_training_minutes(ddpm_runs, tm
     assert curve['minutes'] == pytest.approx(expected, abs=0.01) and curve['final_digit_fd'] == t10['digit_fd']
     assert 'assignment recipe (T10): batch 16' in curve['label'] and curve['run'] == str(root / 'T10')
     assert curve['train_minutes'] == pytest.approx(expected[-1], abs=0.01)
+    assert (curve['epochs'], curve['num_train']) == (t10['epochs'], t10['num_train'])   # the report's scale line
     summary = json.load(open(out / 'summary.json'))
-    assert summary['model'] == 'ddpm-recipes' and summary['figures'] == {'recipes': ['recipes_fd_vs_minutes.png']}
+    assert summary['model'] == 'ddpm-recipes' and summary['figures'] == {'2.2e': ['recipes_fd_vs_minutes.png']}
     with Image.open(out / 'recipes_fd_vs_minutes.png') as im:
         im.verify()
 
