@@ -60,6 +60,20 @@ def test_resume_skips_finished_configurations(data_dir, experiment_3_4, capsys):
     assert 'already finished' in capsys.readouterr().out
 
 
+def test_finished_configurations_survive_a_fresh_checkout(data_dir, experiment_3_4, tmp_path, capsys):
+    """What git keeps of a run (no checkpoints, no lock): --resume takes the finished configurations from their
+    summaries and trains nothing; the figures are redrawn from the logs."""
+    import shutil
+    out, results = experiment_3_4
+    clone = tmp_path / 'clone'
+    shutil.copytree(out, clone, ignore=shutil.ignore_patterns('*.pt', '.lock'))
+    again = run_driver(data_dir, clone, '--experiment', '3.4', '--epochs', '2', '--resume')
+    assert again == results
+    assert capsys.readouterr().out.count('already finished') == 2
+    assert not list(clone.rglob('*.pt'))                                  # nothing was trained, nothing saved
+    assert json.load(open(clone / 'summary.json'))['figures'] == {'3.4': ['3.4_loss_knn.png', '3.4_collapse.png']}
+
+
 def test_a_fresh_start_refuses_an_existing_experiment(data_dir, experiment_3_4):
     with pytest.raises(SystemExit) as exc:
         run_driver(data_dir, experiment_3_4[0], '--experiment', '3.4', '--epochs', '2')
