@@ -13,6 +13,7 @@ lr 0.03 * batch / 256 (--lr is that base rate per 256 images, as in the official
 import copy
 import math
 import os
+import textwrap
 
 import torch
 import torch.nn as nn
@@ -379,8 +380,9 @@ def final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y):
     return metrics
 
 
-def save_question_figures(out, qid, title, names, logs, rate_line=None):
-    """Loss and kNN accuracy against epoch (two panels, one legend), and the collapse indicator."""
+def save_question_figures(out, qid, title, names, logs, rate_line=None, scale=''):
+    """Loss and kNN accuracy against epoch (two panels, one legend), and the collapse indicator; `scale` (the
+    run's encoder, images, batch and schedule) goes under both titles, so that a figure says what it measured."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -389,13 +391,13 @@ def save_question_figures(out, qid, title, names, logs, rate_line=None):
         left.plot(epochs, [r['train_loss'] for r in logs[name]], marker='o', markersize=3, label=name)
         right.plot(epochs, [r['knn_top1'] for r in logs[name]], marker='o', markersize=3)
     left.set_ylabel('loss: -cos(p, z)  (-1 = aligned)')
-    right.set_ylabel('kNN top-1 on the test set (%)')
+    right.set_ylabel('kNN top-1 on the test set (%; chance 10)')
     for ax in (left, right):
-        ax.set_xlabel('epoch')
+        ax.set_xlabel('epoch (0 = before training)')
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*left.get_legend_handles_labels(), loc='lower center', ncol=len(names), frameon=False)
-    fig.suptitle(f'{qid}: {title}', fontsize=11)
+    fig.suptitle(f'{qid}: {title}' + (f'\n{scale}' if scale else ''), fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     curves = os.path.join(out, f'{qid}_loss_knn.png')
     fig.savefig(curves, dpi=110)
@@ -409,12 +411,12 @@ def save_question_figures(out, qid, title, names, logs, rate_line=None):
     for dim in dims:
         ax.axhline(1 / math.sqrt(dim), color='gray', linestyle='--', linewidth=1)
         ax.annotate(f'healthy: 1/sqrt({dim})', (ax.get_xlim()[0], 1 / math.sqrt(dim)), fontsize=8, va='bottom')
-    ax.set_xlabel('epoch')
+    ax.set_xlabel('epoch (0 = before training)')
     ax.set_ylabel('std of z/||z|| over the batch (mean over dims)')
     highest = max([1 / math.sqrt(d) for d in dims] + [r['z_std'] for n in names for r in logs[n]])
     ax.set_ylim(0, 1.25 * highest)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f'{qid}: collapse indicator (0 = collapsed)', fontsize=10)
+    ax.set_title('\n'.join([f'{qid}: collapse indicator (0 = collapsed)', *textwrap.wrap(scale, 80)]), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -483,10 +485,12 @@ def train(args, command='python train_simsiam.py', ranks=None):
     logs = {name: RunDir(os.path.join(args.out_dir, name)).read_metrics() for name in names}
     dims = {name: results[name]['dim'] for name in names}
     figures = {}
+    scale = (f'{RECIPES[args.recipe]["arch"]}, {len(train_x):,} CIFAR-10 training images (the kNN bank), '
+             f'{len(test_x):,} test images, batch {args.batch_size}, {args.epochs} epochs, lr {args.lr:g} per 256')
     for qid, (title, members) in QUESTIONS.items():
         members = [m for m in members if m in names]
         if len(members) >= 2:
-            figures[qid] = save_question_figures(args.out_dir, qid, title, members, logs, dims)
+            figures[qid] = save_question_figures(args.out_dir, qid, title, members, logs, dims, scale)
     exp.write_json('config.json', make_config(args, 'simsiam-experiment', {'configurations': names}, device,
                                               command))
     exp.write_summary('simsiam', figures, results)
