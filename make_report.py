@@ -6,8 +6,9 @@
 Reads only each run folder's summary.json (docs/api.md) and the written answers in
 report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
 summary's "model" (vae, ddpm, ddpm-recipes, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its
-"metrics" (a number picks a list's entry) and FORMAT is an optional Python format spec, so the text never drifts from the runs. A run that was not
-given shows as "not run yet: <command>" wherever it is needed; the report is still built. Each problem's section
+"metrics" (a number picks a list's entry) and FORMAT is an optional Python format spec, so the text never drifts
+from the runs. A run that was not given shows as "not run yet: <command>" wherever it is needed; the report is still
+built. Each problem's section
 states the scale of its runs and the command of the full-size GPU run.
 
 Every user error is one line (exit status 2) before the slow work: an --out that cannot be written (empty, a folder,
