@@ -63,6 +63,7 @@ RUN_TITLES = {'vae': 'VAE run', 'ddpm': 'DDPM run', 'ddpm-recipes': '2.2e: DDPM 
               'ddpm-compare': '2.3a: DDPM runs against T',
               'ddpm-probe': '2.3b: linear probe of frozen features', 'simsiam': 'SimSiam runs'}
 PLACEHOLDER = re.compile(r'\{\{\s*([A-Za-z0-9_.-]+?)\s*(?::([^}]*))?\}\}')
+EMBED_DPI = 130   # the most pixels per inch a figure keeps in the PDF
 MISSING = '\x00'   # marks text that reports a missing run or number, rendered in red
 
 
@@ -277,20 +278,27 @@ def markdown(text, styles):
 def image_flowable(path, max_width, max_height):
     """A figure at its saved size (or smaller, to fit).
 
-    reportlab stores a PNG as deflated raw pixels, without PNG's row filters: image grids of real photographs then
-    take about 200 KB each. Those are embedded as JPEG (quality 90) when that is under half the lossless size;
-    line plots and noise grids, where JPEG would be larger or smear text, stay lossless."""
+    reportlab stores a PNG as deflated raw pixels, without PNG's row filters: image grids of real photographs (and
+    the 2.2c sweep's noise) take hundreds of KB each. So a figure shrunk to fit is first resampled to at most
+    EMBED_DPI at its printed size (so that the PDF carries no pixels far finer than it prints), then
+    embedded as JPEG (quality 90) when that is under half the lossless size; line plots, where JPEG would be
+    larger or smear text, stay lossless."""
     from PIL import Image as PILImage
     from reportlab.platypus import Image
     with PILImage.open(path) as img:
         rgb = img.convert('RGB')
     w, h = rgb.size
-    jpeg = io.BytesIO()
-    rgb.save(jpeg, 'JPEG', quality=90)
-    source = jpeg if jpeg.tell() < len(zlib.compress(rgb.tobytes())) / 2 else path
-    jpeg.seek(0)
     w_pt, h_pt = w * 72 / 110, h * 72 / 110      # the figures are saved at 110 dpi
     scale = min(1.0, max_width / w_pt, max_height / h_pt)
+    shrink = EMBED_DPI * scale / 110            # pixels kept per saved pixel
+    if shrink < 1:
+        rgb = rgb.resize((max(1, round(w * shrink)), max(1, round(h * shrink))), PILImage.LANCZOS)
+    lossless = io.BytesIO()
+    rgb.save(lossless, 'PNG')
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, 'JPEG', quality=90)
+    source = jpeg if jpeg.tell() < len(zlib.compress(rgb.tobytes())) / 2 else lossless
+    source.seek(0)
     return Image(source, width=w_pt * scale, height=h_pt * scale)
 
 

@@ -106,6 +106,23 @@ def test_photographs_are_embedded_as_jpeg_and_plots_stay_lossless(tmp_path):
     assert np.abs(decoded - np.asarray(photo, dtype=float)).mean() < 3.0   # of 255 levels
 
 
+def test_a_figure_shrunk_to_fit_keeps_at_most_embed_dpi_at_its_printed_size(tmp_path):
+    plot = Image.new('RGB', (2000, 300), 'white')
+    ImageDraw.Draw(plot).line([(0, 290), (1999, 10)], fill=(31, 119, 180), width=3)
+    plot.save(tmp_path / 'wide.png')
+    flowable = make_report.image_flowable(str(tmp_path / 'wide.png'), 300, 1e9)   # 300 pt = 4 1/6 inches wide
+    assert flowable.drawWidth == pytest.approx(300)
+    assert flowable.imageWidth == round(300 / 72 * make_report.EMBED_DPI)        # the pixels the PDF stores
+    assert flowable.imageHeight == round(300 * flowable.imageWidth / 2000)
+    small = make_report.image_flowable(str(tmp_path / 'wide.png'), 1e9, 1e9)    # printed at its saved size
+    assert (small.imageWidth, small.imageHeight) == (2000, 300)                 # never upsampled
+
+
+def test_the_committed_report_stays_under_2_mib():
+    # the repository's rule for tracked files; the figures are resampled and JPEG-encoded to keep it there
+    assert os.path.getsize(os.path.join(ROOT, 'plots', 'report.pdf')) < 2 * 1024 ** 2
+
+
 def test_every_question_has_a_written_answer_with_known_placeholders():
     answers, references = make_report.parse_answers(open(make_report.DEFAULT_ANSWERS).read())
     assert list(answers) == make_report.QUESTION_IDS
