@@ -177,7 +177,7 @@ def compare(run_dirs, out_dir, command):
 
     redraw = lambda m, prefix='': (f'{m[prefix + "digit_fd_redraw"]:.2f}' if prefix + 'digit_fd_redraw' in m
                                    else 'n/a')
-    chain = lambda m, key, spec: format(m[key], spec) if key in m else 'n/a'
+    cell = lambda m, key, spec: format(m[key], spec) if key in m else 'n/a'   # a value the run may lack
     lines = [f'Sampler: {samplers}. The second draw is the same number of images from the next seed (for the '
              f'calibration row, the next training images). The last two columns: the exact DDPM chain over all T '
              f'steps, same weights and seed.',
@@ -188,8 +188,8 @@ def compare(run_dirs, out_dir, command):
     for m in runs:
         lines.append(f'| {m["timesteps"]} | {m["epochs"]} | {m["seconds_per_epoch_mean"]:.1f} | '
                      f'{m["sample_seconds"]:.1f} ({m["sample_batch"]}) | {m["digit_fd"]:.2f} | {redraw(m)} | '
-                     f'{m["digit_confidence"]:.3f} | {m["t_star"]} | {m["run"]} | {chain(m, "chain_seconds", ".1f")} '
-                     f'| {chain(m, "chain_digit_fd", ".2f")} |')
+                     f'{m["digit_confidence"]:.3f} | {m["t_star"]} | {m["run"]} | {cell(m, "chain_seconds", ".1f")} '
+                     f'| {cell(m, "chain_digit_fd", ".2f")} |')
     ref = runs[0]
     lines.append(f'| training images (calibration) | | | ({ref["sample_batch"]}) | {ref["reference_digit_fd"]:.2f} | '
                  f'{redraw(ref, "reference_")} | {ref["reference_digit_confidence"]:.3f} | | | | |')

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,7 +64,6 @@ def test_resume_skips_finished_configurations(data_dir, experiment_3_4, capsys):
 def test_finished_configurations_survive_a_fresh_checkout(data_dir, experiment_3_4, tmp_path, capsys):
     """What git keeps of a run (no checkpoints, no lock): --resume takes the finished configurations from their
     summaries and trains nothing; the figures are redrawn from the logs."""
-    import shutil
     out, results = experiment_3_4
     clone = tmp_path / 'clone'
     shutil.copytree(out, clone, ignore=shutil.ignore_patterns('*.pt', '.lock'))
