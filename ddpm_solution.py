@@ -485,7 +485,7 @@ class DiffusionSchedule(nn.Module):
                              f'beyond 1, 1 - abar_prev - sigma^2 turns negative')
         return float(eta)
 
-    def _ddim_update(self, model, x, t_index, prev_index, eta, abar, noise, generator, clip_denoised):
+    def _ddim_update(self, model, x, t_index, prev_index, *, eta, abar, noise, generator, clip_denoised):
         a_t = abar[t_index]
         a_prev = abar[prev_index] if prev_index >= 0 else 1.0
         t = torch.full((x.shape[0],), t_index, device=x.device, dtype=torch.long)
@@ -505,7 +505,7 @@ class DiffusionSchedule(nn.Module):
         return x_prev
 
     @torch.no_grad()
-    def ddim_step(self, model, x, t_index, prev_index, eta=0.0, noise=None, generator=None, clip_denoised=False):
+    def ddim_step(self, model, x, t_index, prev_index, *, eta=0.0, noise=None, generator=None, clip_denoised=False):
         """One DDIM update from time index t_index to prev_index < t_index (prev_index = -1: to x_0, returning
         x0_hat). The model is called once, as model(x, full((B,), t_index)). z is `noise` when given, else drawn
         with torch.randn (from `generator` when given) only when sigma > 0; eta = 0 draws nothing. The arithmetic
@@ -514,11 +514,12 @@ class DiffusionSchedule(nn.Module):
         if not 0 <= t_index < self.timesteps or not -1 <= prev_index < t_index:
             raise ValueError(f'need 0 <= t_index < T={self.timesteps} and -1 <= prev_index < t_index, '
                              f'got t_index={t_index}, prev_index={prev_index}')
-        return self._ddim_update(model, x, int(t_index), int(prev_index), self._check_eta(eta),
-                                 self._ddim_alphas_cumprod(), noise, generator, clip_denoised)
+        return self._ddim_update(model, x, int(t_index), int(prev_index), eta=self._check_eta(eta),
+                                 abar=self._ddim_alphas_cumprod(), noise=noise, generator=generator,
+                                 clip_denoised=clip_denoised)
 
     @torch.no_grad()
-    def ddim_sample(self, model, shape, steps=50, eta=0.0, progress=False, generator=None, x_T=None,
+    def ddim_sample(self, model, shape, *, steps=50, eta=0.0, progress=False, generator=None, x_T=None,
                     clip_denoised=False):
         """x_0 alone, (B, C, H, W), from DDIM with `steps` model evaluations at ddim_timesteps(steps).
 
@@ -541,7 +542,8 @@ class DiffusionSchedule(nn.Module):
         if progress:
             pairs = tqdm(pairs, total=len(taus), desc='DDIM sampling', leave=False)
         for t_index, prev_index in pairs:
-            x = self._ddim_update(model, x, t_index, prev_index, eta, abar, None, generator, clip_denoised)
+            x = self._ddim_update(model, x, t_index, prev_index, eta=eta, abar=abar, noise=None, generator=generator,
+                                  clip_denoised=clip_denoised)
         return x
 
 

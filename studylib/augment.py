@@ -1,7 +1,7 @@
 """The SimSiam CIFAR augmentations on a whole batch at once, on the batch's device, with no per-image Python.
 
 `SimSiamAugment` reproduces, image by image and in distribution, the torchvision v2 per-image pipeline of
-`torchvision_pipeline` below (train_simsiam's --loader torchvision, the oracle of tests/test_augment.py):
+`torchvision_pipeline` below (the oracle of tests/test_augment.py and the per-image baseline of the benchmarks):
 
     RandomResizedCrop(32, scale, ratio=(3/4, 4/3), bilinear, antialias) -> RandomHorizontalFlip(0.5)
     -> RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8) -> RandomGrayscale(0.2) -> float -> Normalize
@@ -77,7 +77,7 @@ def _interp_matrix(start, length, in_size, out_size, flip):
     return weights.div_(weights.sum(dim=2, keepdim=True))
 
 
-def resized_crop(x, top, left, height, width, size, flip=None):
+def resized_crop(x, top, left, height, width, size, *, flip=None):
     """Float (B, C, H, W) -> (B, C, size, size): image b cropped to rows [top, top + height) and columns
     [left, left + width), resized as torchvision's resized_crop(antialias=True) does, then mirrored where flip is
     set. Two batched matmuls with per-image resampling matrices: no Python per image."""
@@ -180,7 +180,7 @@ class SimSiamAugment(nn.Module):
     sequence of calls gives the same views on any device, up to float rounding.
     """
 
-    def __init__(self, crop_scale=(0.2, 1.0), size=32, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
+    def __init__(self, crop_scale=(0.2, 1.0), *, size=32, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
                  flip_p=0.5, mean=CIFAR_MEAN, std=CIFAR_STD, ratio=(3.0 / 4.0, 4.0 / 3.0)):
         super().__init__()
         lo, hi = (float(v) for v in crop_scale)
@@ -265,7 +265,7 @@ class SimSiamAugment(nn.Module):
             x = images.float()
         else:
             raise TypeError(f'expected uint8 or float images, got {images.dtype}')
-        x = resized_crop(x, crop['top'], crop['left'], crop['height'], crop['width'], self.size, crop['flip'])
+        x = resized_crop(x, crop['top'], crop['left'], crop['height'], crop['width'], self.size, flip=crop['flip'])
         x.clamp_(0, 1)                                   # bilinear weights summing to 1 may overshoot by an ulp
         if self.jitter_p > 0 and any(r is not None for r in self.jitter_ranges):
             x = color_jitter(x, params['factors'], params['order'], params['jitter'])
@@ -286,8 +286,8 @@ class SimSiamAugment(nn.Module):
 
 
 def torchvision_pipeline(crop_scale):
-    """The per-image torchvision v2 pipeline (uint8 (3, H, W) -> normalised float): train_simsiam's --loader
-    torchvision, and the reference the batched path is tested against."""
+    """The per-image torchvision v2 pipeline (uint8 (3, H, W) -> normalised float) of the official SimSiam code:
+    the reference the batched path is tested against, and the per-image baseline bench.py times it against."""
     from torchvision.transforms import v2
     return v2.Compose([
         v2.RandomResizedCrop(32, scale=crop_scale, antialias=True),

@@ -57,16 +57,18 @@ def _pairs_per_s(step, batch_size, repeats, device):
 
 
 @torch.no_grad()
-def measure_pipelines(images, batch_size=512, workers=0, repeats=4, crop_scale=(0.2, 1.0), device='cpu', seed=0):
+def measure_pipelines(images, *, batch_size=512, workers=0, repeats=4, crop_scale=(0.2, 1.0), device='cpu',
+                      seed=0):
     """Pairs/s of each pipeline on `images` (uint8 (N, 3, 32, 32)), `repeats` timed batches of batch_size images:
 
         batched            SimSiamAugment.two_views on a uint8 batch already on `device` (as training indexes
                            its on-device dataset), after one untimed warm-up batch
         kornia_resample    kornia.augmentation, batched warp crop (uint8 -> float included), same conditions
         kornia_slice       kornia.augmentation, its default crop mode (a Python loop over the images)
-        torchvision        train_simsiam's DataLoader on the CPU (two torchvision v2 draws per image, `workers`
-                           processes, default collate), timed from the iterator's creation because workers
-                           prefetch; make repeats a multiple of workers. The copy to `device` is not included.
+        torchvision        the official code's per-image DataLoader on the CPU (two torchvision v2 draws per
+                           image, `workers` processes, default collate), timed from the iterator's creation
+                           because workers prefetch; make repeats a multiple of workers. The copy to `device`
+                           is not included.
 
     A kornia entry is None when kornia is not installed. Returns dict(pairs_per_s={...},
     speedup_vs_torchvision={...}, batch_size, workers, repeats, threads, device).

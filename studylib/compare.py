@@ -1,6 +1,6 @@
 """2.3a: compare DDPM runs that differ in T (training time per epoch, sampling time, sample quality).
 
-The command line is compare_ddpm.py at the repository root (python -m studylib.compare forwards to it):
+The command line is compare_ddpm.py at the repository root:
 
     python compare_ddpm.py runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
 
@@ -17,7 +17,13 @@ import os
 
 from . import UserError
 from .plots import pyplot
-from .run import CHECKPOINT, RunDir, git_commit, lock_dir, prepare_out_dir, refuse_finished
+from .run import RunDir, claim_folder, git_commit, read_summary
+
+
+def _kind(value):
+    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', type(None): 'null',
+            int: 'an integer', float: 'a number'}.get(type(value), type(value).__name__)
+
 
 # The metrics of a train_ddpm.py summary that the comparison reads, with the kind of value each must be.
 NEEDED_METRICS = {
@@ -35,51 +41,9 @@ _KINDS = {
 }
 
 
-def _kind_of(value):
-    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', type(None): 'null',
-            int: 'an integer', float: 'a number'}.get(type(value), type(value).__name__)
-
-
-def load_run_summary(path, hint):
-    """A run folder's summary.json, checked to be a run summary: {"model": str, "figures": {id: [file, ...]},
-    "metrics": {...}, "run": {...} (optional)}. Every problem is one line naming the file (and the key); `hint`
-    says what the folder should have been."""
-    if not os.path.isdir(path):
-        raise UserError(f'{path} is not a folder: {hint}')
-    summary_path = os.path.join(path, 'summary.json')
-    if not os.path.exists(summary_path):
-        raise UserError(f'{path} has no summary.json: {hint}')
-    try:
-        with open(summary_path, encoding='utf-8') as f:
-            summary = json.load(f)
-    except (OSError, ValueError) as exc:   # ValueError: not JSON, not UTF-8
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise UserError(f'{summary_path} is unreadable or not JSON ({type(exc).__name__}: {why}); repair it or '
-                        f'rerun the run that wrote it') from exc
-    fix = 'repair it or rerun the run that wrote it'
-    if not isinstance(summary, dict):
-        raise UserError(f'{summary_path} is not a run summary: it holds {_kind_of(summary)}, not an object with '
-                        f'"model", "figures" and "metrics"; {fix}')
-    for key in ('model', 'figures', 'metrics'):
-        if key not in summary:
-            raise UserError(f'{summary_path} is not a run summary: it has no "{key}"; {fix}')
-    if not isinstance(summary['model'], str) or not summary['model']:
-        raise UserError(f'{summary_path} is not a run summary: "model" is {_kind_of(summary["model"])}, not a '
-                        f'model name; {fix}')
-    for key in ('figures', 'metrics', 'run'):
-        if key in summary and not isinstance(summary[key], dict):
-            raise UserError(f'{summary_path} is not a run summary: "{key}" is {_kind_of(summary[key])}, not an '
-                            f'object; {fix}')
-    for qid, names in summary['figures'].items():
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise UserError(f'{summary_path} is not a run summary: "figures"."{qid}" is {_kind_of(names)}, not a '
-                            f'list of file names; {fix}')
-    return summary
-
-
 def read_ddpm_run(path):
     """The metrics of a finished train_ddpm.py run folder, with every value the comparison reads checked."""
-    summary = load_run_summary(path, 'pass finished train_ddpm.py run folders, one per T')
+    summary = read_summary(path, hint='pass finished train_ddpm.py run folders, one per T')
     summary_path = os.path.join(path, 'summary.json')
     if summary['model'] != 'ddpm':
         raise UserError(f'{path} is a {summary["model"]} run, not a DDPM run: pass finished train_ddpm.py run '
@@ -91,46 +55,17 @@ def read_ddpm_run(path):
             raise UserError(f'{summary_path}: "metrics" has no "{key}", which the comparison needs; rerun '
                             f'train_ddpm.py into that folder with this code, or leave the run out')
         if not ok(metrics[key]):
-            raise UserError(f'{summary_path}: "metrics"."{key}" is {_kind_of(metrics[key])} '
+            raise UserError(f'{summary_path}: "metrics"."{key}" is {_kind(metrics[key])} '
                             f'({json.dumps(metrics[key])[:40]}), not {what}; repair it or rerun train_ddpm.py')
     return metrics
 
 
-def check_out_dir(path, inputs, flag='--out-dir'):
-    """Refuse, before anything is read or written, an output folder that would clobber a run: empty, a file, one
-    of the input run folders (by real path: a symlink or another spelling counts), a finished run (summary.json)
-    or a training run (checkpoint.pt)."""
-    if not path or not str(path).strip():
-        raise UserError(f'{flag} is empty: name the folder to write into')
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f'{flag} {path} is a file, not a folder: choose another {flag}')
-    real = os.path.realpath(path)
-    for given_flag, run in inputs:
-        if os.path.realpath(run) == real:
-            given = f' ({given_flag})' if given_flag else ''
-            raise UserError(f'{flag} {path} is the input run folder {run}{given}: writing there would replace its '
-                            f'summary.json and config.json; choose another {flag}')
-    refuse_finished(path, flag)
-    if os.path.exists(os.path.join(path, CHECKPOINT)):
-        raise UserError(f'{flag} {path} holds a training run ({CHECKPOINT}): writing there would replace its '
-                        f'config.json; choose another {flag}')
-
-
-def open_out_dir(path, flag='--out-dir'):
-    """Make the output folder, prove it can be written and lock it against a second process (release_locks())."""
-    prepare_out_dir(path, flag)
-    lock_dir(path, flag)
-    refuse_finished(path, flag)   # again under the lock: another process may have finished into it meanwhile
-
-
 def compare(run_dirs, out_dir, command):
-    check_out_dir(out_dir, [(None, p) for p in run_dirs])
+    """2.3a from finished train_ddpm.py runs that differ in T: the figure, the table and a summary in out_dir."""
+    claim_folder(out_dir, fresh=True, inputs=[(None, p) for p in run_dirs], resumable=False)
     runs = sorted((read_ddpm_run(p) | {'run': p} for p in run_dirs), key=lambda m: m['timesteps'])
     if len({m['timesteps'] for m in runs}) != len(runs):
         raise UserError('two of the runs have the same T: give one run per T')
-    open_out_dir(out_dir)
-    plt = pyplot()
-
     out = RunDir(out_dir)
     out.write_json('config.json', {'model': 'ddpm-compare', 'runs': list(run_dirs), 'command': command,
                                    'git_commit': git_commit()})
@@ -138,8 +73,25 @@ def compare(run_dirs, out_dir, command):
         chain = m.get('samplers', {}).get(f'ddpm_{m["timesteps"]}')
         if isinstance(chain, dict) and {'seconds', 'digit_fd'} <= chain.keys():
             m['chain_seconds'], m['chain_digit_fd'] = chain['seconds'], chain['digit_fd']
-    ts = [m['timesteps'] for m in runs]
     samplers = ', '.join(sorted({m.get('sampler', 'sampler not recorded') for m in runs}))
+    figure = out.file('2.3a_tradeoff.png')
+    save_tradeoff_figure(runs, samplers, figure)
+    lines = tradeoff_table(runs, samplers)
+    with open(out.file('2.3a_table.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    keys = ('epochs', 'seconds_per_epoch_mean', 'sample_seconds', 'sample_batch', 'digit_fd', 'digit_fd_redraw',
+            'digit_confidence', 'reference_digit_fd', 'reference_digit_confidence', 't_star', 'sampler', 'device',
+            'run', 'chain_seconds', 'chain_digit_fd', 'num_train')
+    metrics = {f'T{m["timesteps"]}': {k: m[k] for k in keys if k in m} for m in runs}
+    out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
+    print('\n'.join(lines))
+    return metrics
+
+
+def save_tradeoff_figure(runs, samplers, path):
+    """2.3a: training time per epoch, sampling time and digit FD against T (one run per T, sorted by T)."""
+    plt = pyplot()
+    ts = [m['timesteps'] for m in runs]
     panels = [('seconds_per_epoch_mean', 'training time per epoch (s)'),
               ('sample_seconds', f'seconds to sample {runs[0]["sample_batch"]} images'),
               ('digit_fd', 'digit Frechet distance to test images\n(lower is better)')]
@@ -171,10 +123,12 @@ def compare(run_dirs, out_dir, command):
                  f'{", ".join(str(m["epochs"]) for m in runs)}; samples scored: {samplers}, '
                  f'{", ".join(str(m["sample_batch"]) for m in runs)} images)', fontsize=10)
     fig.tight_layout()
-    figure = out.file('2.3a_tradeoff.png')
-    fig.savefig(figure, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def tradeoff_table(runs, samplers):
+    """The 2.3a table's markdown lines: one row per T and the calibration row."""
     redraw = lambda m, prefix='': (f'{m[prefix + "digit_fd_redraw"]:.2f}' if prefix + 'digit_fd_redraw' in m
                                    else 'n/a')
     cell = lambda m, key, spec: format(m[key], spec) if key in m else 'n/a'   # a value the run may lack
@@ -193,15 +147,7 @@ def compare(run_dirs, out_dir, command):
     ref = runs[0]
     lines.append(f'| training images (calibration) | | | ({ref["sample_batch"]}) | {ref["reference_digit_fd"]:.2f} | '
                  f'{redraw(ref, "reference_")} | {ref["reference_digit_confidence"]:.3f} | | | | |')
-    with open(out.file('2.3a_table.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    keys = ('epochs', 'seconds_per_epoch_mean', 'sample_seconds', 'sample_batch', 'digit_fd', 'digit_fd_redraw',
-            'digit_confidence', 'reference_digit_fd', 'reference_digit_confidence', 't_star', 'sampler', 'device',
-            'run', 'chain_seconds', 'chain_digit_fd', 'num_train')
-    metrics = {f'T{m["timesteps"]}': {k: m[k] for k in keys if k in m} for m in runs}
-    out.write_summary('ddpm-compare', {'2.3a': [figure]}, metrics)
-    print('\n'.join(lines))
-    return metrics
+    return lines
 
 
 def read_recipe_run(path):
@@ -231,14 +177,13 @@ def read_recipe_run(path):
 def compare_recipes(run_dirs, out_dir, command):
     """The training recipes at equal wall time: the digit FD of each sampled batch against the training minutes
     spent to reach it (sampling time not counted), one line per run, with the VAE and training-image levels."""
-    check_out_dir(out_dir, [(None, p) for p in run_dirs])
+    claim_folder(out_dir, fresh=True, inputs=[(None, p) for p in run_dirs], resumable=False)
     names = [os.path.basename(os.path.normpath(p)) for p in run_dirs]   # the metrics' keys
     if len(set(names)) != len(names):
         raise UserError(f'two of the runs have the same folder name ({", ".join(names)}): the comparison names each '
                         f'run by its folder; rename one')
     runs = [read_recipe_run(p) + (p,) for p in run_dirs]
     samplers = sorted({m['sampler'] for _, _, m, _ in runs if 'sampler' in m})
-    open_out_dir(out_dir)
     out = RunDir(out_dir)
     out.write_json('config.json', {'model': 'ddpm-recipes', 'runs': list(run_dirs), 'command': command,
                                    'git_commit': git_commit()})
@@ -272,12 +217,3 @@ def compare_recipes(run_dirs, out_dir, command):
         print(f'{label}: ' + ', '.join(f'{m:.0f} min: FD {fd:.0f}' for m, fd in curve))
     return metrics
 
-
-def main(argv=None):
-    """`python -m studylib.compare`, kept working: forwards to compare_ddpm.py's main (the command line)."""
-    import compare_ddpm   # the repository root, where the command lives, is on sys.path (python -m from the root)
-    return compare_ddpm.main(argv, invoked_as='python -m studylib.compare')
-
-
-if __name__ == '__main__':
-    main()

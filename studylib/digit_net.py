@@ -24,7 +24,7 @@ with published Inception FIDs; on a connected machine inception_fd() gives the s
 
     python train_digit_net.py --data-dir ./data         # train once (1-2 minutes on one CPU core), cache
 
-(the command line lives in train_digit_net.py at the repository root; python -m studylib.digit_net forwards to it)
+(the command line lives in train_digit_net.py at the repository root)
 """
 import hashlib
 import math
@@ -99,7 +99,7 @@ def accuracy(net, images, labels, batch_size=EVAL_BATCH):
     return 100.0 * correct / len(images)
 
 
-def train_digit_net(train_x, train_y, test_x, test_y, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED,
+def train_digit_net(train_x, train_y, test_x, test_y, *, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED,
                     device='cpu'):
     """Train a DigitNet from scratch: (net in eval mode, test accuracy in percent).
 
@@ -200,7 +200,7 @@ def train_and_save(data_dir, device='cpu', epochs=EPOCHS, batch_size=BATCH_SIZE,
     train_x, train_y = load_split('svhn', data_dir, 'train', allow_download)
     test_x, test_y = load_split('svhn', data_dir, 'test', allow_download)
     start = time.time()
-    net, acc = train_digit_net(train_x, train_y, test_x, test_y, epochs, batch_size, SEED, device)
+    net, acc = train_digit_net(train_x, train_y, test_x, test_y, epochs=epochs, batch_size=batch_size, device=device)
     info = dict(test_accuracy=acc, num_train=len(train_x), num_test=len(test_x), epochs=epochs,
                 batch_size=batch_size, seed=SEED, seconds=time.time() - start,   # training and testing
                 device=str(torch.device(device)))
@@ -313,17 +313,3 @@ def inception_fd(samples, reference, batch_size=100, device='cpu', weights_path=
                 metric.update(batch.to(device), real=real)
     return metric.compute().item()
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line: train_digit_net.py at the repository root
-
-def main(argv=None):
-    """`python -m studylib.digit_net`, kept working: forwards to train_digit_net.py's main (the command line)."""
-    import importlib
-    # the repository root, where the command lives, is on sys.path (python -m from the root); imported by name, as
-    # this module's train_digit_net is the training function
-    return importlib.import_module('train_digit_net').main(argv, invoked_as='python -m studylib.digit_net')
-
-
-if __name__ == '__main__':
-    main()

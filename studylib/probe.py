@@ -1,6 +1,6 @@
 """2.3b: what a trained DDPM U-Net's features know about the digit, against the VAE's posterior mean and pixels.
 
-The command line is probe_ddpm.py at the repository root (python -m studylib.probe forwards to it):
+The command line is probe_ddpm.py at the repository root:
 
     python probe_ddpm.py --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe
 
@@ -25,8 +25,7 @@ from tqdm import tqdm
 from . import UserError
 from .data import load_split, to_unit_range
 from .plots import pyplot
-from .compare import check_out_dir, open_out_dir
-from .run import RunDir, device_description, git_commit, pick_device
+from .run import RunDir, claim_folder, device_description, git_commit, pick_device
 from .trained import load_ddpm, load_vae
 
 SOURCES = {'unet': 'DDPM U-Net middle block (pooled)', 'vae': 'VAE posterior mean', 'pixels': 'raw pixels of x_t'}
@@ -123,13 +122,13 @@ def save_figure(path, ts, acc, majority, title):
 
 
 def probe(args, command):
-    check_out_dir(args.out_dir, [('--ddpm', args.ddpm), ('--vae', args.vae)])
+    claim_folder(args.out_dir, fresh=True, inputs=[('--ddpm', args.ddpm), ('--vae', args.vae)],
+                 resumable=False)
     device = pick_device(args.device)
     unet, diffusion, ddpm_epoch = load_ddpm(args.ddpm, device)
     vae, vae_epoch = load_vae(args.vae, device, flag='--vae')
     if max(args.t) >= diffusion.timesteps:
         raise UserError(f'--t {max(args.t)} is outside the DDPM run\'s 0..{diffusion.timesteps - 1}')
-    open_out_dir(args.out_dir)   # writable and locked before the images are loaded and the probes fitted
     train_x, train_y = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
     test_x, test_y = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     train_x, test_x = train_x.to(device), test_x.to(device)
@@ -160,13 +159,3 @@ def probe(args, command):
                    device=config['device_name'])
     out.write_summary('ddpm-probe', {'2.3b': [figure]}, metrics)
     return metrics
-
-
-def main(argv=None):
-    """`python -m studylib.probe`, kept working: forwards to probe_ddpm.py's main (the command line)."""
-    import probe_ddpm   # the repository root, where the command lives, is on sys.path (python -m from the root)
-    return probe_ddpm.main(argv, invoked_as='python -m studylib.probe')
-
-
-if __name__ == '__main__':
-    main()

@@ -1,16 +1,25 @@
-"""One run = one folder: config.json, metrics.jsonl, figures, checkpoint.pt and summary.json (docs/api.md).
+"""One run = one folder: config.json, metrics.jsonl, figures, checkpoint.pt and summary.json.
+
+The folder's files are described in docs/operations.md, "The run folder".
 
 Checkpoints are self-describing (model name and config, weights, optimizer, epoch, every RNG state) so a model can
 be rebuilt without the training script, and they are written atomically (temp file + os.replace) so a crash while
 saving leaves the previous checkpoint intact. Loading uses torch.load(weights_only=True): a checkpoint is data,
 never code.
 """
+import argparse
+import contextlib
+import errno
 import io
 import json
+import math
 import os
 import platform
 import random
+import shlex
+import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -75,7 +84,7 @@ def rng_state():
     """Every global RNG state, in types torch.load(weights_only=True) accepts.
 
     'cuda' holds ONE state: the generator of this process's current GPU (empty without CUDA). Under torchrun every
-    rank draws the same random numbers (each step's draws are made for the global batch, studylib.dist), so the
+    rank draws the same random numbers (each step's draws are made for the global batch, EpochLoop), so the
     writing rank's state is every rank's; saving every visible GPU's state instead would hand rank r the state of
     a GPU that rank 0 never drew on."""
     np_state = np.random.get_state()
@@ -103,24 +112,64 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-# Flags a resumed run may change: where and how fast it runs, what it reports. Every other flag defines the
-# training itself (lr, batch, images, seed, model and recipe flags...): a resume with another value is refused,
-# since the checkpoint would silently keep the old one while config.json recorded the new.
-RESUMABLE_FLAGS = frozenset({
-    'epochs', 'resume', 'out_dir', 'data_dir', 'no_download', 'device', 'checkpoint_every', 'allow_nan', 'amp',
-    'compile', 'workers', 'loader', 'inception_fid', 'compare_vae', 'sample_every', 'num_samples', 'sampler',
-    'sample_steps', 'clip_denoised', 't_primes', 'll_k', 'profile_per_class', 'experiment',
-})
-
-_LOCKS = {}   # folder -> open lock file of this process: the kernel releases them when it exits, however it exits
+# Flags a resumed run may change whatever the driver: where and how fast it runs. Each driver adds its own
+# (RESUMABLE in the driver: what it reports, not what it trains); every other flag defines the training itself
+# (lr, batch, images, seed, model and recipe flags...): a resume with another value is refused, since the
+# checkpoint would silently keep the old one while config.json recorded the new.
+RESUMABLE_COMMON = frozenset({'epochs', 'resume', 'out_dir', 'data_dir', 'no_download', 'device',
+                              'checkpoint_every', 'allow_nan', 'amp', 'compile'})
 
 
-def prepare_out_dir(path, flag='--out-dir'):
-    """Make the folder the user named and prove it can be written, before any work: one line when it cannot."""
+class _Claim:
+    """A folder this process holds: its open .lock file, and what the claim created (removed again at release
+    when nothing else was written, so that a refused command leaves the folder as it found it)."""
+
+    def __init__(self, path, lock_file, created_lock, created_dir):
+        self.path, self.lock_file, self.created_lock, self.created_dir = path, lock_file, created_lock, created_dir
+
+
+_CLAIMS = {}   # real path -> _Claim of this process: the kernel drops the locks when it exits, however it exits
+
+
+def _fail(flag, path, exc):
+    return UserError(f'{flag} {path} cannot be written ({exc.strerror or exc}): choose another {flag}, or fix its '
+                     f'permissions or free space')
+
+
+def _refuse_run(path, flag, resumable):
+    """A fresh start never replaces a finished run (summary.json) nor an unfinished one (checkpoint.pt)."""
+    summary = read_summary(path)
+    if summary is not None:
+        raise UserError(f'{path} holds a finished {summary.get("model", "")} run (summary.json): choose another '
+                        f'{flag}, or delete that folder to redo it')
+    if os.path.exists(os.path.join(path, CHECKPOINT)):
+        hint = 'pass --resume to continue it, or ' if resumable else ''
+        raise UserError(f'{path} holds an unfinished run ({CHECKPOINT}): {hint}choose another {flag}')
+
+
+def claim_folder(path, *, fresh, flag='--out-dir', inputs=(), members=(), resumable=True):
+    """The one check before a command writes into a folder, then its claim. Refused, with one line and nothing
+    written: an empty name, a file, one of the command's input folders (`inputs`: (flag, path) pairs, compared by
+    real path), and for a fresh start (`fresh`) a folder, or one of its `members` sub-folders, that holds a run
+    (the refusal suggests --resume when the command has one: `resumable`).
+    Then the folder is made, proven writable and locked for the life of this process (a second command into it is
+    refused); release_locks() undoes what the claim made when nothing else was written there."""
     if not path or not str(path).strip():
         raise UserError(f'{flag} is empty: name the folder to write into')
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f'{flag} {path} is a file, not a folder: choose another {flag}')
+    real = os.path.realpath(path)
+    for given_flag, run in inputs:
+        if os.path.realpath(run) == real:
+            given = f' ({given_flag})' if given_flag else ''
+            raise UserError(f'{flag} {path} is the input run folder {run}{given}: writing there would replace its '
+                            f'summary.json and config.json; choose another {flag}')
+    if fresh:
+        for folder in (path, *members):
+            _refuse_run(folder, flag, resumable)
+    if real in _CLAIMS:   # this process holds it already
+        return
+    created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f'.write-test-{os.getpid()}')
@@ -128,67 +177,108 @@ def prepare_out_dir(path, flag='--out-dir'):
             f.write('ok')
         os.remove(probe)
     except OSError as exc:
-        raise UserError(f'{flag} {path} cannot be written ({exc.strerror or exc}): choose another {flag}, or '
-                        f'fix its permissions or free space') from exc
+        raise _fail(flag, path, exc) from exc
+    lock_dir(path, flag, created_dir=created)
+    if fresh:
+        _refuse_run(path, flag, resumable)   # again under the lock: another process may have finished into it meanwhile
 
 
-def lock_dir(path, flag='--out-dir'):
-    """An exclusive lock on the folder for the life of this process (fcntl.flock on .lock): a second run started
-    into the same folder is refused; a killed process holds nothing, since the kernel drops its locks."""
+def lock_dir(path, flag='--out-dir', created_dir=False):
+    """An exclusive lock on the folder for the life of this process (fcntl.flock on its .lock file): a second run
+    started into the same folder is refused; a killed process holds nothing, since the kernel drops its locks."""
     import fcntl
     key = os.path.realpath(path)
-    if key in _LOCKS:   # this process holds it already
-        return _LOCKS[key]
+    if key in _CLAIMS:
+        return _CLAIMS[key].lock_file
     lock_path = os.path.join(path, '.lock')
-    try:
-        f = open(lock_path, 'a+')
-    except OSError as exc:
-        raise UserError(f'{flag} {path} cannot be written ({exc.strerror}): choose another {flag}') from exc
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or 'another process'
+    while True:
+        created_lock = not os.path.exists(lock_path)
+        try:
+            f = open(lock_path, 'a+')
+        except OSError as exc:
+            raise _fail(flag, path, exc) from exc
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            f.close()
+            raise UserError(f'{path} is in use by {holder}: wait for that run to end, or choose another '
+                            f'{flag}') from None
+        try:   # the holder we waited on may have removed the file at its release: lock the file that is there
+            same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         f.close()
-        raise UserError(f'{path} is in use by {holder}: wait for that run to end, or choose another {flag}') from None
     f.seek(0)
     f.truncate()
     f.write(f'process {os.getpid()} on {platform.node()}\n')
     f.flush()
-    _LOCKS[key] = f
+    _CLAIMS[key] = _Claim(path, f, created_lock, created_dir)
     return f
 
 
 def release_locks():
-    """Drop this process's folder locks (at the end of a driver's main(), so that a second main() in the same
-    process, as the tests run them, can open the folder again)."""
-    while _LOCKS:
-        _LOCKS.popitem()[1].close()
+    """Drop this process's folder claims (at the end of a command's main(), however it ends, so that a second
+    main() in the same process, as the tests run them, can open the folder again). A .lock file the claim made is
+    removed, while still held, and so is a folder it made that holds nothing else."""
+    while _CLAIMS:
+        claim = _CLAIMS.popitem()[1]
+        lock_path = os.path.join(claim.path, '.lock')
+        try:
+            if claim.created_lock:
+                os.remove(lock_path)
+            if claim.created_dir and not os.listdir(claim.path):
+                os.rmdir(claim.path)
+        except OSError:
+            pass   # a folder made read-only meanwhile keeps them: harmless, the lock is free once closed
+        claim.lock_file.close()
 
 
-def read_summary(path):
-    """A folder's summary.json as a dict, None when there is none; one line when it is not a summary."""
+def _kind_of(value):
+    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', type(None): 'null',
+            int: 'an integer', float: 'a number'}.get(type(value), type(value).__name__)
+
+
+def read_summary(path, hint=None):
+    """A run folder's summary.json, checked to be a run summary: {"model": str, "figures": {id: [file, ...]},
+    "metrics": {...}, "run": {...} (optional)}. Without one: None, or with `hint` (what the folder should have
+    been) one line. Every problem is one line naming the file (and the key)."""
     summary_path = os.path.join(path, 'summary.json')
+    if hint is not None and not os.path.isdir(path):
+        raise UserError(f'{path} is not a folder: {hint}')
     if not os.path.exists(summary_path):
-        return None
+        if hint is None:
+            return None
+        raise UserError(f'{path} has no summary.json: {hint}')
     try:
-        with open(summary_path) as f:
+        with open(summary_path, encoding='utf-8') as f:
             summary = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(f'{summary_path} is unreadable or not JSON ({exc}); repair or remove it') from exc
-    if not isinstance(summary, dict) or not isinstance(summary.get('metrics'), dict) \
-            or not isinstance(summary.get('figures', {}), dict):
-        raise UserError(f'{summary_path} is not a run summary (expected an object with "model", "figures" and '
-                        f'"metrics"); repair or remove it')
+    except (OSError, ValueError) as exc:   # ValueError: not JSON, not UTF-8
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise UserError(f'{summary_path} is unreadable or not JSON ({type(exc).__name__}: {why}); repair it or '
+                        f'rerun the run that wrote it') from exc
+    fix = 'repair it or rerun the run that wrote it'
+    if not isinstance(summary, dict):
+        raise UserError(f'{summary_path} is not a run summary: it holds {_kind_of(summary)}, not an object with '
+                        f'"model", "figures" and "metrics"; {fix}')
+    for key in ('model', 'figures', 'metrics'):
+        if key not in summary:
+            raise UserError(f'{summary_path} is not a run summary: it has no "{key}"; {fix}')
+    if not isinstance(summary['model'], str) or not summary['model']:
+        raise UserError(f'{summary_path} is not a run summary: "model" is {_kind_of(summary["model"])}, not a '
+                        f'model name; {fix}')
+    for key in ('figures', 'metrics', 'run'):
+        if key in summary and not isinstance(summary[key], dict):
+            raise UserError(f'{summary_path} is not a run summary: "{key}" is {_kind_of(summary[key])}, not an '
+                            f'object; {fix}')
+    for qid, names in summary['figures'].items():
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise UserError(f'{summary_path} is not a run summary: "figures"."{qid}" is {_kind_of(names)}, not a '
+                            f'list of file names; {fix}')
     return summary
-
-
-def refuse_finished(path, flag='--out-dir'):
-    """Never replace a finished run: a folder whose summary.json exists holds one, checkpoint or not."""
-    summary = read_summary(path)
-    if summary is not None:
-        raise UserError(f'{path} holds a finished {summary.get("model", "")} run (summary.json): choose another '
-                        f'{flag}, or delete that folder to redo it')
 
 
 class RunDir:
@@ -203,17 +293,18 @@ class RunDir:
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def start(self, config, resume):
-        """Check the folder against --resume; write config.json. Returns the checkpoint or None.
+    def start(self, config, resume, resumable=RESUMABLE_COMMON):
+        """Check the folder against --resume (claim_folder's rules, then the checkpoint's); write config.json.
+        Returns the checkpoint or None.
 
-        Everything is checked before anything is written: the folder is writable and not in use by another run
-        (a lock held until this process ends); a fresh start refuses a folder that holds a finished run
-        (summary.json) or a checkpoint; a resume needs a checkpoint of the same model, model config and training
-        flags (RESUMABLE_FLAGS may change).
+        Everything is checked before anything is written: a fresh start refuses a folder that holds a run; a resume
+        needs a checkpoint of the same model, model config and training flags (only `resumable` ones may change).
+        The folder stays locked until this process ends.
         """
         if not self.path or not str(self.path).strip():
             raise UserError('--out-dir is empty: name the folder to write into')
         self.args = dict(config.get('args', {}))
+        ckpt = None
         if resume:
             if not os.path.exists(self.checkpoint_path):
                 raise UserError(f'--resume: no checkpoint at {self.checkpoint_path}; '
@@ -223,30 +314,20 @@ class RunDir:
                 raise UserError(f'--resume: {self.checkpoint_path} holds a {ckpt["model_name"]} with config '
                                 f'{ckpt["model_config"]}, but this run asks for a {config["model"]} with '
                                 f'{config["model_config"]}; use the same model flags or another --out-dir')
-            self._check_resumed_flags(ckpt)
-            prepare_out_dir(self.path)
-            lock_dir(self.path)
+            self.check_same_flags(self.args, resumable, saved=ckpt.get('args'))
+        claim_folder(self.path, fresh=not resume)
+        if resume:
             self.truncate_metrics(ckpt['epoch'])
-            self.write_json('config.json', config)
-            return ckpt
-        self.refuse_fresh_start()
-        prepare_out_dir(self.path)
-        lock_dir(self.path)
-        if os.path.exists(self.metrics_path):
+        elif os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run's log must not continue an aborted run's rows
         self.write_json('config.json', config)
-        return None
+        return ckpt
 
-    def refuse_fresh_start(self):
-        """A fresh start never replaces a finished run (summary.json) nor an unfinished one (checkpoint.pt)."""
-        refuse_finished(self.path)
-        if os.path.exists(self.checkpoint_path):
-            raise UserError(f'{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, '
-                            f'or choose another --out-dir')
-
-    def _check_resumed_flags(self, ckpt):
-        saved = ckpt.get('args')
-        if saved is None:   # a checkpoint of older code: its run's config.json holds the flags
+    def check_same_flags(self, args, resumable, saved=None):
+        """A --resume keeps the run's training flags: refuse `args` (a dict) when one outside `resumable` differs
+        from what the run recorded (`saved`: the checkpoint's flags, else config.json's). A flag that only one
+        side knows (added or removed by a later version of the code) is not compared."""
+        if saved is None:   # a finished run, or a checkpoint of older code: config.json holds the flags
             try:
                 with open(self.file('config.json')) as f:
                     saved = json.load(f).get('args')
@@ -255,11 +336,9 @@ class RunDir:
         if not isinstance(saved, dict):
             print(f'note: {self.path} records no training flags; --resume cannot check that they are unchanged')
             return
-        changed = [k for k in sorted(set(saved) | set(self.args))
-                   if k not in RESUMABLE_FLAGS and saved.get(k) != self.args.get(k)]
+        changed = [k for k in sorted(set(saved) & set(args)) if k not in resumable and saved[k] != args[k]]
         if changed:
-            what = ', '.join(f'--{k.replace("_", "-")} {self.args.get(k)} (the run has {saved.get(k)})'
-                             for k in changed)
+            what = ', '.join(f'--{k.replace("_", "-")} {args[k]} (the run has {saved[k]})' for k in changed)
             raise UserError(f'--resume with other training flags: {what}; a resumed run keeps its own: drop or '
                             f'restore them, or start a new run in another --out-dir')
 
@@ -338,14 +417,15 @@ def time_metrics(rows):
     return dict(train_seconds_total=total, seconds_per_epoch_mean=total / len(rows))
 
 
-def make_config(args, model, model_config, device, command, hyperparameters=None):
-    """config.json's content: every command-line setting (args: a dict, or argparse's namespace), the driver's
-    hyperparameter block, and what is needed to reproduce the run."""
+def make_config(args, model, model_config, device, command, constants=None):
+    """config.json's content, exactly what ran: the effective value of every flag (args: a dict, or argparse's
+    namespace, after the recipe set the defaults), the driver's fixed hyperparameters that are no flag
+    (`constants`), and what is needed to reproduce the run."""
     return {
         'model': model,
         'model_config': model_config,
         'args': dict(args) if isinstance(args, dict) else vars(args),
-        'hyperparameters': hyperparameters or {},
+        'constants': constants or {},
         'command': command,
         'git_commit': git_commit(),
         'torch_version': torch.__version__,
@@ -463,3 +543,167 @@ def load_trained(run_dir, model_name, flag):
     if ckpt['model_name'] != model_name:
         raise UserError(f'{flag} {run_dir}: that folder holds a {ckpt["model_name"]} run, not a {model_name} run')
     return ckpt
+
+
+# ---- the command line every command shares, and user errors as one line -----------------------------------------
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or a positive integer, got {text}')
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):  # refuses nan and inf too
+        raise argparse.ArgumentTypeError(f'must be a positive finite number, got {text}')
+    return value
+
+
+def seed_int(text):
+    """numpy seeds 0 <= seed < 2**32: refused here rather than by a numpy traceback."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f'must be an integer from 0 to 2**32 - 1, got {text}')
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' for flags that have a value by default; not for switches or unset options."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser(description, out_dir, lr_help='learning rate'):
+    """A parser holding the common flags; the driver sets their defaults from its hyperparameter block
+    (parse_with_recipe)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    common = parser.add_argument_group('common to every driver')
+    common.add_argument('--data-dir', default='./data',
+                        help='folder holding the standard dataset files, or where torchvision downloads them')
+    common.add_argument('--no-download', action='store_true',
+                        help='never touch the network: exit at once if a dataset file is missing')
+    common.add_argument('--out-dir', default=out_dir, help='the run folder (config, metrics, figures, checkpoint)')
+    common.add_argument('--epochs', type=positive_int, help='training epochs')
+    common.add_argument('--batch-size', type=positive_int, help='training batch size')
+    common.add_argument('--lr', type=positive_float, help=lr_help)
+    common.add_argument('--seed', type=seed_int, default=0, help='seed of every random number generator')
+    common.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                        help='where to train; auto = cuda when available')
+    common.add_argument('--limit-train', type=positive_int, default=None, metavar='N',
+                        help='use only the first N training images (smoke tests, CPU runs); all when unset')
+    common.add_argument('--limit-test', type=positive_int, default=None, metavar='N',
+                        help='use only the first N test images; all when unset')
+    common.add_argument('--resume', action='store_true',
+                        help="continue from the run folder's checkpoint (after its last finished epoch)")
+    common.add_argument('--checkpoint-every', type=non_negative_int, default=500, metavar='STEPS',
+                        help='also checkpoint every STEPS optimizer steps inside an epoch (0: only at epoch ends); '
+                             'Ctrl-C / SIGTERM checkpoint at the current step too; --resume continues exactly there')
+    common.add_argument('--allow-nan', action='store_true',
+                        help='train on through non-finite losses (by default the run stops, naming the step, and '
+                             'keeps the last good checkpoint)')
+    common.add_argument('--amp', choices=['auto', 'on', 'off'], default='auto',
+                        help='bf16 autocast of the training step; auto = on for a CUDA GPU with bf16, off on the CPU')
+    common.add_argument('--compile', action='store_true',
+                        help='torch.compile the training step (a minute of compilation first; pays off on long runs)')
+    return parser
+
+
+def recipe_help(recipes):
+    """--recipe's help: what each recipe sets (the values of RECIPES, the one place they are declared)."""
+    def value(v):
+        return f'({v[0]:g}, {v[1]:g})' if isinstance(v, (tuple, list)) else str(v)
+    return '; '.join(f'{name}: ' + (', '.join(f'{k.replace("_", "-")} {value(v)}' for k, v in changes.items())
+                                    or "the block's defaults") for name, changes in recipes.items())
+
+
+def parse_with_recipe(parser, argv, defaults, recipes=None):
+    """The effective configuration: the driver's hyperparameter block (`defaults`), changed by the recipe, which
+    is read first and sets the parser's defaults, so that a flag given on the command line wins and --help shows
+    the chosen recipe's values. A recipe's value that is no flag (SimSiam's encoder) becomes a setting of the
+    namespace all the same, recorded in config.json with the flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser.set_defaults(**defaults)
+    if recipes:
+        recipe = parser.parse_known_args([a for a in argv if a not in ('-h', '--help')])[0].recipe
+        parser.set_defaults(**recipes[recipe])
+    return parser.parse_args(argv)
+
+
+class Stopped(UserError):
+    """A signal outside the training loop (in end-of-epoch sampling, the final stage): exit 130 with one line."""
+    exit_code = 130
+
+
+# environment failures while writing: one line, like a user error (the message names the file)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR}
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a UserError (and a full disk, a read-only or forbidden path) into one line on stderr and exit status 2;
+    Ctrl-C and SIGTERM/SIGHUP outside the training loop into one line and status 130; real bugs keep their
+    traceback."""
+    try:
+        yield
+    except UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        sys.exit(getattr(exc, 'exit_code', 2))
+    except KeyboardInterrupt:
+        print('error: interrupted; the last checkpoint (if any) is kept: rerun the same command with --resume to '
+              'continue from it', file=sys.stderr)
+        sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f' {exc.filename}' if exc.filename else ''
+        print(f'error: could not write{where}: {exc.strerror}; free space, fix the permissions or choose another '
+              f'--out-dir, then rerun (with --resume when a checkpoint was saved)', file=sys.stderr)
+        sys.exit(2)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt   # the training loop installs its own handlers, which checkpoint first
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGHUP end the process the way Ctrl-C does (one line, exit 130) wherever it is outside the
+    training loop, instead of dying silently with 143 or leaving no line; the loop checkpoints on them."""
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, _stop)
+    except ValueError:   # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_tool(parser, work, argv=None):
+    """A tool's main() (compare_ddpm.py, probe_ddpm.py): parse, then work(args, command) with user errors as one
+    line, and the folder locks released however it ends. The command recorded in config.json is the parser's prog
+    (the command as typed: `python compare_ddpm.py`) followed by the arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    with user_errors():
+        try:
+            return work(args, shlex.join([*shlex.split(parser.prog), *argv]))
+        finally:
+            release_locks()
