@@ -1,6 +1,7 @@
 """Train the Problem 2 DDPM on SVHN and write every Problem 2 figure and number into one run folder.
 
     python train_ddpm.py                                  # the assignment: T=1000, 30 epochs, Adam 1e-4, batch 64
+    python train_ddpm.py --recipe cpu                     # the CPU study's recipe (docs/studies.md#recipes)
     python train_ddpm.py --timesteps 500 --out-dir runs/ddpm-T500      # the 2.3a study: T=500 and T=1500
     python compare_ddpm.py runs/ddpm-T500 runs/ddpm runs/ddpm-T1500 --out-dir runs/ddpm-compare
 
@@ -17,6 +18,7 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -24,39 +26,40 @@ from tqdm import tqdm
 
 import ddpm_solution
 from studylib import UserError
-from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import load_split, to_unit_range
 from studylib.digit_net import digit_quality, inception_fd, load_or_train
-from studylib.dist import check_batch, setup, wrap
-from studylib.plots import pyplot, save_image_grid, save_time_figure
-from studylib.quality import psnr
-from studylib.run import make_config, seed_everything, time_metrics
-from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
+from studylib.plots import grid_array, pyplot, save_image_grid, save_time_figure
+from studylib.run import (RESUMABLE_COMMON, make_config, make_parser, parse_with_recipe, positive_int, recipe_help,
+                          seed_everything, time_metrics)
 from studylib.trained import load_vae
-from studylib.trainer import TrainingRun
+from studylib.trainer import (TrainingRun, autocast, check_batch, optimizer_kwargs, prepare_model, run_main,
+                              use_amp, wrap)
 
-# ---- hyperparameters: the assignment's (starred ones are flags, these are their defaults) ----------------------------
-EPOCHS = 30                                  # * passes over the training set
-BATCH_SIZE = ddpm_solution.train_batch_size  # * images per optimizer step (64)
-LR = ddpm_solution.lr                        # * Adam step size (1e-4); Adam's betas and eps are torch's defaults
-TIMESTEPS = ddpm_solution.T                  # * diffusion steps T (1000); betas linear from 1e-4 to 0.02
-DIM, DIM_MULTS = 32, (1, 2, 4, 8)            # U-Net base channels and their multiplier per resolution (the template's)
-EMA_DECAY = 0.995                            # * weight EMA per step (a horizon of ~200 steps); 0 = none
-SAMPLE_EVERY = 5                             # * epochs between the 2.2b sample grids
-NUM_SAMPLES = 64                             # * images per sampled batch (figures, timing, quality)
-SWEEP_IMAGES = 8                             # test images noised and restored in the 2.2c sweep
-QUALITY_REFERENCE = 2000                     # test images the sample-quality measure compares against
-# Two training recipes (--recipe); any of these flags given on the command line wins over the recipe's value.
+# ---- hyperparameters: the assignment's. Each is the default of the flag of the same name, and a recipe changes some
+DEFAULTS = dict(
+    epochs=30,                                   # passes over the training set
+    batch_size=ddpm_solution.train_batch_size,   # images per optimizer step (64)
+    lr=ddpm_solution.lr,                         # Adam step size (1e-4); Adam's betas and eps are torch's defaults
+    timesteps=ddpm_solution.T,                   # diffusion steps T (1000); betas linear from 1e-4 to 0.02
+    ema_decay=0.995,                             # weight EMA per step (a horizon of ~200 steps); 0 = none
+    sample_every=5,                              # epochs between the 2.2b sample grids
+    num_samples=64,                              # images per sampled batch (figures, timing, quality)
+    sampler='ddpm',                              # the 2.2b/2.2d sampler: the exact T-step chain, as the template
+    sample_steps=50,                             # DDIM steps when sampler is ddim
+    clip_denoised=False,                         # x_0 clipped to [-1, 1] at every sampling step (not in the template)
+)
+DIM, DIM_MULTS = 32, (1, 2, 4, 8)   # U-Net base channels and their multiplier per resolution (the template's)
+SWEEP_IMAGES = 8                    # test images noised and restored in the 2.2c sweep
+QUALITY_REFERENCE = 2000            # test images the sample-quality measure compares against
 RECIPES = {
-    # the assignment's settings, sampled as the template samples (the exact ancestral chain, x_0 not clipped)
-    'assignment': dict(batch_size=BATCH_SIZE, lr=LR, ema_decay=EMA_DECAY, clip_denoised=False, sampler='ddpm'),
-    # the CPU study's (docs/results.md): 4x the optimizer steps per epoch at twice the step size, so that an hour on
-    # one core draws digits; sampled with DDIM-50 (cheap enough to score every few epochs), x_0 clipped to [-1, 1]
-    'cpu': dict(batch_size=16, lr=2e-4, ema_decay=EMA_DECAY, clip_denoised=True, sampler='ddim'),
+    'assignment': {},   # the template's settings, sampled as the template samples
+    # the CPU study's (docs/results.md): 4x the optimizer steps per epoch at twice the step size, so that half an hour
+    # on one core draws digits; sampled with DDIM-50 (cheap enough to score every few epochs), x_0 clipped
+    'cpu': dict(batch_size=16, lr=2e-4, sampler='ddim', clip_denoised=True),
 }
-HYPERPARAMETERS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, timesteps=TIMESTEPS, dim=DIM,
-                       dim_mults=list(DIM_MULTS), ema_decay=EMA_DECAY, sample_every=SAMPLE_EVERY,
-                       num_samples=NUM_SAMPLES, sweep_images=SWEEP_IMAGES, quality_reference=QUALITY_REFERENCE)
+# what a --resume may change besides the common flags: how the run samples and reports, not what it trains
+RESUMABLE = RESUMABLE_COMMON | {'inception_fid', 'compare_vae', 'sample_every', 'num_samples', 'sampler',
+                                'sample_steps', 'clip_denoised', 't_primes'}
 
 
 def parse_t_primes(text):
@@ -75,22 +78,17 @@ def default_t_primes(timesteps):
                   | {timesteps - 1})
 
 
-def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm', epochs=EPOCHS, batch_size=None, lr=None)
-    for action in parser._actions:   # the recipe decides the defaults of these two
-        if action.dest in ('batch_size', 'lr'):
-            action.help += ": default the recipe's (assignment: 64 and 1e-4; cpu: 16 and 2e-4)"
+def build_parser():
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/ddpm')
     ddpm = parser.add_argument_group('DDPM study')
     ddpm.add_argument('--recipe', choices=sorted(RECIPES), default='assignment',
-                      help='assignment (default): batch 64, Adam 1e-4, the exact DDPM sampler as the template '
-                           '(x_0 not clipped); cpu: batch 16, Adam 2e-4, DDIM-50 with x_0 clipped, the CPU study\'s '
-                           'recipe. EMA 0.995 in both. --batch-size, --lr, --ema-decay, --sampler and '
-                           '--clip-denoised given explicitly win over the recipe')
-    ddpm.add_argument('--timesteps', type=positive_int, default=TIMESTEPS,
+                      help=f'the defaults of the flags it names ({recipe_help(RECIPES)}); flags given explicitly '
+                           f'win')
+    ddpm.add_argument('--timesteps', type=positive_int,
                       help='diffusion steps T (linear betas from 1e-4 to 0.02 whatever T is)')
-    ddpm.add_argument('--sample-every', type=positive_int, default=SAMPLE_EVERY,
-                      help='save the 2.2b samples every N epochs (and after the last)')
-    ddpm.add_argument('--num-samples', type=positive_int, default=NUM_SAMPLES,
+    ddpm.add_argument('--sample-every', type=positive_int, help='save the 2.2b samples every N epochs (and after '
+                                                                'the last)')
+    ddpm.add_argument('--num-samples', type=positive_int,
                       help='images per sampled batch (2.2b, 2.2d, sampling time, quality)')
     ddpm.add_argument('--t-primes', type=parse_t_primes, default=None, metavar='T1,T2,...',
                       help="noise levels t' (0-based step indices < T) of the 2.2c sweep; "
@@ -99,25 +97,26 @@ def parse_args(argv=None):
                            "PSNR of unrelated test-image pairs")
     ddpm.add_argument('--compare-vae', default=None, metavar='RUN_DIR',
                       help='a train_vae.py run folder: its samples are shown beside the DDPM ones in 2.2d')
-    ddpm.add_argument('--ema-decay', type=float, default=None,
-                      help='exponential moving average of the weights, updated every step; samples and the t\' '
-                           'sweep use it (0 = sample from the raw weights); default: the recipe\'s (0.995)')
-    ddpm.add_argument('--sampler', choices=['ddpm', 'ddim'], default=None,
-                      help='sampler of the 2.2b/2.2d figures: the exact DDPM ancestral chain with T steps (the '
-                           'seed\'s), or deterministic DDIM (eta=0) with --sample-steps steps; default: the '
-                           'recipe\'s. The final stage also times and scores DDIM with 50 and 100 steps beside DDPM')
-    ddpm.add_argument('--sample-steps', type=positive_int, default=50, help='DDIM steps when --sampler ddim')
-    ddpm.add_argument('--clip-denoised', action=argparse.BooleanOptionalAction, default=None,
+    ddpm.add_argument('--ema-decay', type=float,
+                      help="exponential moving average of the weights, updated every step; samples and the t' "
+                           "sweep use it (0 = sample from the raw weights)")
+    ddpm.add_argument('--sampler', choices=['ddpm', 'ddim'],
+                      help="sampler of the 2.2b/2.2d figures: the exact DDPM ancestral chain with T steps (the "
+                           "seed's), or deterministic DDIM (eta=0) with --sample-steps steps. The final stage also "
+                           "times and scores DDIM with 50 and 100 steps beside DDPM")
+    ddpm.add_argument('--sample-steps', type=positive_int, help='DDIM steps when --sampler ddim')
+    ddpm.add_argument('--clip-denoised', action=argparse.BooleanOptionalAction,
                       help="clip each sampling step's predicted x_0 to [-1, 1] (lucidrains' clip_denoised, "
-                           "diffusers' clip_sample); default: the recipe's (off for assignment, as the template's "
-                           "p_sample; on for cpu)")
+                           "diffusers' clip_sample); the template's p_sample does not")
     ddpm.add_argument('--inception-fid', action='store_true',
                       help='also report the standard Inception FID of the final samples against the quality '
                            'reference (needs torch-fidelity and the Inception weights: a connected machine)')
-    args = parser.parse_args(argv)
-    for key, value in RECIPES[args.recipe].items():   # the recipe fills the flags not given
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parse_with_recipe(parser, argv, DEFAULTS, RECIPES)
     if not 0 <= args.ema_decay < 1:
         parser.error(f'--ema-decay must be in [0, 1), got {args.ema_decay}')
     if args.timesteps < 2:
@@ -137,30 +136,42 @@ def parse_args(argv=None):
     return args
 
 
-@torch.no_grad()
-def draw_samples(diffusion, model, n, seed, sampler='ddpm', steps=None, progress=True, clip=False):
-    """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took.
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), one value per image: (B,).
 
-    sampler 'ddpm': the ancestral chain over all T steps; 'ddim': DDIM (eta=0) over `steps` of them; clip: each
-    step's predicted x_0 clipped to [-1, 1] (DiffusionSchedule.p_sample_clipped, ddim_sample's clip_denoised)."""
-    model.eval()
-    devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
-    shape = (n, ddpm_solution.input_channels, ddpm_solution.image_size, ddpm_solution.image_size)
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        if sampler == 'ddim':
-            x = diffusion.ddim_sample(model, shape, steps=steps, progress=progress, clip_denoised=clip)
-        else:
-            x = diffusion.sample(model, shape, progress=progress, clip_denoised=clip)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-    return x, time.perf_counter() - t0
+    Both sets are clamped to [-1, 1] first, as they are when shown or saved: a chain that overshoots the pixel
+    range is judged by the image it produces."""
+    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
-def sampler_name(sampler, steps, timesteps, clip=False):
-    name = f'DDIM, {steps} steps' if sampler == 'ddim' else f'DDPM, T={timesteps} steps'
-    return name + (', x0 clipped to [-1, 1]' if clip else '')
+class Parts(NamedTuple):
+    """What build() makes: the U-Net, the module its training step calls, the diffusion schedule and Adam."""
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    diffusion: ddpm_solution.DiffusionSchedule
+    optimizer: torch.optim.Optimizer
+
+
+def build(model_config, diffusion_config, lr, device, ranks=None, compile_model=False):
+    """The U-Net (laid out, data-parallel under torchrun, compiled when asked), its schedule and Adam: Parts.
+    bench.py times the same."""
+    model = ddpm_solution.Unet(**model_config).to(device)
+    step_model = prepare_model(model, device, compile_model, wrap=lambda m: wrap(m, ranks))
+    diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **optimizer_kwargs(device))
+    return Parts(model, step_model, diffusion, optimizer)
+
+
+def train_step(parts, x, t, noise, amp, loss_scale=1.0):
+    """One optimizer step on the Huber loss between the drawn noise and the U-Net's prediction of it at x_t
+    (q_sample of x with t and noise given): the loss. loss_scale weights this rank's share (studylib.trainer)."""
+    with autocast(x.device, amp):
+        loss = parts.diffusion.p_losses(parts.step_model, x, t, noise)
+    parts.optimizer.zero_grad(set_to_none=True)
+    (loss * loss_scale).backward()
+    parts.optimizer.step()
+    return loss
 
 
 @torch.no_grad()
@@ -195,33 +206,153 @@ def choose_t_star(t_primes, restored_psnr, chance_psnr):
     return t_primes[-1], threshold
 
 
-def save_sweep_figures(run, x0, noised, restored, t_primes, t_star, threshold, chance, epoch, timesteps):
-    """2.2c: the image grid (original, then noised / restored per t') and the PSNR curve with t* marked."""
-    plt = pyplot()
-    rows = [x0] + [r for pair in zip(noised, restored) for r in pair]
-    labels = ['original'] + [lab for tp in t_primes
-                             for lab in (f"noised to t'={tp}", 'restored' + ('  <- t*' if tp == t_star else ''))]
-    grid = save_image_grid(torch.cat(rows), run.file('2.2c_tprime_sweep.png'),
-                           f"Test images noised to t' with q_sample and restored by the reverse process from t' "
-                           f"(T={timesteps}, epoch {epoch}); t*={t_star}", nrow=len(x0), row_labels=labels)
-    noised_psnr = [float(psnr(n, x0).mean()) for n in noised]
-    restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(t_primes, restored_psnr, marker='o', label='restored vs original')
-    ax.plot(t_primes, noised_psnr, marker='s', linestyle=':', label="noised x_t' vs original")
-    ax.axhline(chance, color='gray', linestyle='--', label=f'unrelated test pairs ({chance:.1f} dB)')
-    ax.axhline(threshold, color='tab:red', linestyle=':', linewidth=1, label=f't* threshold ({threshold:.1f} dB)')
-    ax.axvline(t_star, color='tab:red', label=f't* = {t_star}')
-    ax.set_xlabel("t' (0-based diffusion step the images are noised to)")
-    ax.set_ylabel(f'PSNR to the original (dB), mean of {len(x0)} images')
-    ax.set_title(f"Restoration from t' (T={timesteps}, epoch {epoch})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    curve = run.file('2.2c_tprime_psnr.png')
-    fig.savefig(curve, dpi=110)
-    plt.close(fig)
-    return [grid, curve], noised_psnr, restored_psnr
+def make_ema(model, decay, state=None):
+    """The EMA of the weights that samples (Ho et al. 2020), or None for decay 0. It starts as a copy of the
+    weights; `state` (a checkpoint's) is loaded when given: a checkpoint without one resumes with that copy."""
+    if decay <= 0:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if state is not None:
+        ema.load_state_dict(state)
+    return ema
+
+
+@dataclass
+class Study:
+    """Everything one DDPM run holds between its steps: the flags, the run folder, the model and its EMA, the data
+    (uint8 on the device) and the quality references. `samples` is the latest sampled batch."""
+    args: argparse.Namespace
+    run: TrainingRun
+    parts: Parts
+    ema: AveragedModel
+    amp: bool
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    reference: torch.Tensor     # float test images in [-1, 1] the digit FD compares samples against
+    digit_net: tuple = None     # (net, info) on rank 0; None elsewhere
+    vae: tuple = None           # (model, epoch) of --compare-vae
+    samples: torch.Tensor = None
+
+    @property
+    def sample_model(self):
+        return self.ema.module if self.ema is not None else self.parts.model
+
+    @property
+    def sampler(self):
+        """The figures' sampler, in words."""
+        a = self.args
+        name = f'DDIM, {a.sample_steps} steps' if a.sampler == 'ddim' else f'DDPM, T={a.timesteps} steps'
+        return name + (', x0 clipped to [-1, 1]' if a.clip_denoised else '')
+
+
+@torch.no_grad()
+def draw_samples(study, n, seed, sampler=None, steps=None):
+    """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took.
+
+    sampler 'ddpm': the ancestral chain over all T steps; 'ddim': DDIM (eta=0) over `steps` of them (default: the
+    run's --sampler and --sample-steps); x_0 clipped at every step with --clip-denoised."""
+    args, model, diffusion = study.args, study.sample_model, study.parts.diffusion
+    sampler, steps = sampler or args.sampler, steps or args.sample_steps
+    model.eval()
+    devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
+    shape = (n, ddpm_solution.input_channels, ddpm_solution.image_size, ddpm_solution.image_size)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        if sampler == 'ddim':
+            x = diffusion.ddim_sample(model, shape, steps=steps, progress=True, clip_denoised=args.clip_denoised)
+        else:
+            x = diffusion.sample(model, shape, progress=True, clip_denoised=args.clip_denoised)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return x, time.perf_counter() - t0
+
+
+def load_data(args, ranks):
+    """The SVHN images as uint8 tensors, checked against every flag that needs images, before any writing."""
+    train_x, _ = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
+    test_x, _ = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
+    if args.batch_size > len(train_x):
+        raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
+    check_batch(ranks, args.batch_size)
+    if len(test_x) < 2 * SWEEP_IMAGES:
+        raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_IMAGES} test images, got {len(test_x)}')
+    if args.inception_fid:   # fail now, not after hours of training, when torch-fidelity or the weights are missing
+        few = to_unit_range(test_x[:4])
+        inception_fd(few[:2], few[2:])
+    return train_x, test_x
+
+
+def setup_study(args, command, ranks):
+    """Data first, and the quality measure's classifier (a problem with either fails in seconds), then the run
+    folder, the model, its optimizer and EMA, restored from the checkpoint under --resume."""
+    device = ranks.device
+    seed_everything(args.seed)
+    vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
+    train_x, test_x = load_data(args, ranks)
+    digit_net = load_or_train(args.data_dir, device, not args.no_download) if ranks.is_main else None
+    model_config = dict(dim=DIM, channels=ddpm_solution.input_channels, dim_mults=list(DIM_MULTS))
+    diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
+                            beta_end=ddpm_solution.beta_end)
+    config = make_config(args, 'ddpm', {**model_config, **diffusion_config}, device, command,
+                         constants=dict(sweep_images=SWEEP_IMAGES, quality_reference=QUALITY_REFERENCE))
+    run = TrainingRun(ranks, args, config, RESUMABLE)
+    parts = build(model_config, diffusion_config, args.lr, device, ranks, args.compile)
+    state = run.resume(parts.model, parts.optimizer, figures={'2.2b': []}, sample_seconds=None, ema=None)
+    ema = make_ema(parts.model, args.ema_decay, state['ema'])
+    state['ema'] = ema.state_dict if ema is not None else None   # called at each save
+    print(f'U-Net: {sum(p.numel() for p in parts.model.parameters()):,} parameters; T={args.timesteps}; '
+          f'{len(train_x)} train / {len(test_x)} test images on {device}')
+    train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
+    return Study(args, run, parts, ema, use_amp(args.amp, device), train_x, test_x,
+                 reference=to_unit_range(test_x[:QUALITY_REFERENCE]), digit_net=digit_net, vae=vae)
+
+
+def train(args, command, ranks):
+    # ---- setup, data, model, optimizer: under torchrun every rank seeds alike and draws the same global batches
+    study = setup_study(args, command, ranks)
+    run, parts, ema, device = study.run, study.parts, study.ema, ranks.device
+
+    # ---- training loop
+    for epoch in run.epochs():
+        parts.model.train()
+        loop = run.epoch_loop(epoch, len(study.train_x), num_sums=1)
+        for idx in loop:
+            x = to_unit_range(study.train_x[idx])                 # (B, 3, 32, 32) in [-1, 1]
+            # t and the noise are drawn for the whole global batch; this rank keeps its rows (studylib.trainer)
+            t = parts.diffusion.t_sample(loop.global_batch, device)[loop.part]            # (B,) in {0..T-1}
+            noise = torch.randn((loop.global_batch, *x.shape[1:]), device=device)[loop.part]
+            loss = train_step(parts, x, t, noise, study.amp, loop.loss_scale)
+            if ema is not None:
+                ema.update_parameters(parts.model)
+            loop.record(loss, loss.detach().view(1) * len(idx))
+        loss_sum, seconds = loop.finish()
+        with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
+            if ranks.is_main:       # rank 0 alone samples, writes the log, the figures and the checkpoint
+                end_of_epoch(study, epoch, float(loss_sum) / loop.images, seconds)
+    if not ranks.is_main:
+        return None
+    return final_stage(study)
+
+
+def end_of_epoch(study, epoch, train_loss, seconds):
+    """The epoch's log row and checkpoint; every --sample-every epochs (and the last) also a batch of samples, its
+    figure and its digit FD, so that quality can be read against training minutes."""
+    args, run = study.args, study.run
+    row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
+    if epoch % args.sample_every == 0 or epoch == args.epochs:
+        study.samples, row['sample_seconds'] = draw_samples(study, args.num_samples, args.seed)
+        run.state['sample_seconds'] = row['sample_seconds']
+        row['digit_fd'] = digit_quality(study.digit_net[0], study.samples, study.reference)['digit_fd']
+        run.state['figures']['2.2b'].append(save_image_grid(
+            study.samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
+            f'Samples after epoch {epoch} ({study.sampler}, same seed every time'
+            + (f', EMA {args.ema_decay} weights)' if study.ema is not None else ')')))
+    run.folder.log_metrics(row)
+    tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
+               + (f', sampling {row["sample_seconds"]:.1f} s, digit FD {row["digit_fd"]:.1f}'
+                  if 'digit_fd' in row else ''))
+    run.save(epoch)
 
 
 @dataclass
@@ -244,8 +375,9 @@ def quality_line(scores):
     return f'digit FD {scores["digit_fd"]:.1f}, confidence {scores["digit_confidence"]:.2f}'
 
 
-def save_final_samples(run, samples, epoch, sampler, quality, n_reference):
+def save_final_samples(study, samples, epoch, quality):
     """2.2d: the final DDPM samples, beside the VAE's when a VAE is given, each titled with its measured quality."""
+    run, sampler, n_reference = study.run.folder, study.sampler, len(study.reference)
     n = len(samples)
     calibration = (f'digit FD: Frechet distance of DigitNet features to {n_reference} test images (lower is better); '
                    f'for calibration, {n} training images score {quality_line(quality.reference)}.')
@@ -254,7 +386,6 @@ def save_final_samples(run, samples, epoch, sampler, quality, n_reference):
                                f'{n} DDPM samples after {epoch} epochs ({sampler})\n'
                                f'{quality_line(quality.ddpm)}\n{calibration}')
     plt = pyplot()
-    from studylib.plots import grid_array
     nrow = math.ceil(math.sqrt(n))
     fig, axes = plt.subplots(1, 2, figsize=(11, 6.8))
     for ax, images, name, scores in [
@@ -272,182 +403,93 @@ def save_final_samples(run, samples, epoch, sampler, quality, n_reference):
     return path
 
 
-def build(model_config, diffusion_config, lr, device, ranks=None, compile_model=False):
-    """The U-Net, the module its training step calls (laid out, data-parallel under torchrun, compiled when asked),
-    the diffusion schedule and Adam: (model, step_model, diffusion, optimizer). bench.py times the same."""
-    model = ddpm_solution.Unet(**model_config).to(device)
-    step_model = prepare_model(model, device, compile_model, wrap=lambda m: wrap(m, ranks))
-    diffusion = ddpm_solution.DiffusionSchedule(**diffusion_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **optimizer_kwargs(device))
-    return model, step_model, diffusion, optimizer
-
-
-def train_step(step_model, diffusion, optimizer, x, t, noise, amp, loss_scale=1.0):
-    """One optimizer step on the Huber loss between the drawn noise and the U-Net's prediction of it at x_t
-    (q_sample of x with t and noise given): the loss. loss_scale weights this rank's share (studylib.loop)."""
-    with autocast(x.device, amp):
-        loss = diffusion.p_losses(step_model, x, t, noise)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale).backward()
-    optimizer.step()
-    return loss
-
-
-def make_ema(model, decay, state=None):
-    """The EMA of the weights that samples (Ho et al. 2020), or None for decay 0. It starts as a copy of the
-    weights; `state` (a checkpoint's) is loaded when given: a checkpoint without one resumes with that copy."""
-    if decay <= 0:
-        return None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    if state is not None:
-        ema.load_state_dict(state)
-    return ema
-
-
-def load_data(args, ranks):
-    """The SVHN images as uint8 tensors, checked against every flag that needs images, before any writing."""
-    train_x, _ = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
-    test_x, _ = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
-    if args.batch_size > len(train_x):
-        raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
-    check_batch(ranks, args.batch_size)
-    if len(test_x) < 2 * SWEEP_IMAGES:
-        raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_IMAGES} test images, got {len(test_x)}')
-    if args.inception_fid:   # fail now, not after hours of training, when torch-fidelity or the weights are missing
-        few = to_unit_range(test_x[:4])
-        inception_fd(few[:2], few[2:])
-    return train_x, test_x
-
-
-def train(args, command='python train_ddpm.py', ranks=None):
-    # ---- setup: under torchrun every rank seeds alike and draws the same global batches (studylib.dist)
-    ranks = ranks or setup(args.device)
-    device = ranks.device
-    seed_everything(args.seed)
-    vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
-
-    # ---- data first, and the quality measure's classifier: a problem with either fails in seconds
-    train_x, test_x = load_data(args, ranks)
-    digit_net = load_or_train(args.data_dir, device, not args.no_download) if ranks.is_main else None
-    model_config = dict(dim=DIM, channels=ddpm_solution.input_channels, dim_mults=list(DIM_MULTS))
-    diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
-                            beta_end=ddpm_solution.beta_end)
-    config = make_config(args, 'ddpm', {**model_config, **diffusion_config}, device, command, HYPERPARAMETERS)
-    run = TrainingRun(ranks, args.out_dir, config, args.resume, seed=args.seed, epochs=args.epochs,
-                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, allow_nan=args.allow_nan)
-
-    # ---- model, diffusion, optimizer and the EMA that samples
-    model, step_model, diffusion, optimizer = build(model_config, diffusion_config, args.lr, device, ranks,
-                                                    args.compile)
-    amp = use_amp(args.amp, device)
-    state = run.resume(model, optimizer, figures={'2.2b': []}, sample_seconds=None, ema=None)
-    ema = make_ema(model, args.ema_decay, state['ema'])
-    state['ema'] = ema.state_dict if ema is not None else None   # called at each save
-    sample_model = ema.module if ema is not None else model
-    print(f'U-Net: {sum(p.numel() for p in model.parameters()):,} parameters; T={args.timesteps}; '
-          f'{len(train_x)} train / {len(test_x)} test images on {device}')
-    train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
-    reference = to_unit_range(test_x[:QUALITY_REFERENCE])     # what the digit FD compares samples against
-    samples = None
-
-    # ---- training loop
-    for epoch in run.epochs():
-        model.train()
-        loop = run.epoch_loop(epoch, len(train_x), num_sums=1)
-        for idx in loop:
-            x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
-            # t and the noise are drawn for the whole global batch; this rank keeps its rows (studylib.dist)
-            t = diffusion.t_sample(loop.global_batch, device)[loop.part]                  # (B,) in {0..T-1}
-            noise = torch.randn((loop.global_batch, *x.shape[1:]), device=device)[loop.part]
-            loss = train_step(step_model, diffusion, optimizer, x, t, noise, amp, loop.loss_scale)
-            if ema is not None:
-                ema.update_parameters(model)
-            loop.record(loss, loss.detach().view(1) * len(idx))
-        loss_sum, seconds = loop.finish()
-        with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
-            if ranks.is_main:       # rank 0 alone samples, writes the log, the figures and the checkpoint
-                drawn = end_of_epoch(args, run, state, diffusion, sample_model, ema, digit_net, reference, epoch,
-                                     float(loss_sum) / loop.images, seconds)
-                samples = drawn if drawn is not None else samples
-    if not ranks.is_main:
-        return None
-    return final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x,
-                       reference)
-
-
-def end_of_epoch(args, run, state, diffusion, sample_model, ema, digit_net, reference, epoch, train_loss, seconds):
-    """The epoch's log row and checkpoint; every --sample-every epochs (and the last) also a batch of samples, its
-    figure and its digit FD, so that quality can be read against training minutes. Returns the samples or None."""
-    row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
-    samples = None
-    if epoch % args.sample_every == 0 or epoch == args.epochs:
-        samples, row['sample_seconds'] = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                                      args.sampler, args.sample_steps, clip=args.clip_denoised)
-        state['sample_seconds'] = row['sample_seconds']
-        row['digit_fd'] = digit_quality(digit_net[0], samples, reference)['digit_fd']
-        sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
-        state['figures']['2.2b'].append(save_image_grid(
-            samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
-            f'Samples after epoch {epoch} ({sampler}, same seed every time'
-            + (f', EMA {args.ema_decay} weights)' if ema is not None else ')')))
-    run.folder.log_metrics(row)
-    tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
-               + (f', sampling {row["sample_seconds"]:.1f} s, digit FD {row["digit_fd"]:.1f}'
-                  if samples is not None else ''))
-    run.save(epoch)
-    return samples
-
-
 @dataclass
 class Sweep:
-    """The 2.2c result: t* and the PSNRs it is chosen from, and the two figures."""
+    """The 2.2c result: t* and the PSNRs it is chosen from."""
+    t_primes: list
     t_star: int
     threshold: float
     chance: float
     restored_psnr: list
     noised_psnr: list
-    figures: list
 
 
-def restoration_sweep(args, run, diffusion, model, test_x, epoch):
+def restoration_sweep(study, epoch):
     """2.2c: test images noised to each t' and restored from t'; t* where the restorations lose half their
-    fidelity (see choose_t_star)."""
+    fidelity (see choose_t_star). Returns the Sweep and its two figures."""
+    args, test_x = study.args, study.test_x
     x0 = to_unit_range(test_x[:SWEEP_IMAGES])
-    noised, restored = t_prime_sweep(diffusion, model, x0, args.t_primes, args.seed)
+    noised, restored = t_prime_sweep(study.parts.diffusion, study.sample_model, x0, args.t_primes, args.seed)
     chance = float(psnr(x0, to_unit_range(test_x[SWEEP_IMAGES:2 * SWEEP_IMAGES])).mean())
     restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
     t_star, threshold = choose_t_star(args.t_primes, restored_psnr, chance)
-    figures, noised_psnr, _ = save_sweep_figures(run.folder, x0, noised, restored, args.t_primes, t_star, threshold,
-                                                 chance, epoch, args.timesteps)
-    return Sweep(t_star, threshold, chance, restored_psnr, noised_psnr, figures)
+    sweep = Sweep(args.t_primes, t_star, threshold, chance, restored_psnr,
+                  noised_psnr=[float(psnr(n, x0).mean()) for n in noised])
+    title = f'T={args.timesteps}, epoch {epoch}'
+    return sweep, [save_sweep_grid(study.run.folder, x0, noised, restored, sweep, title),
+                   save_sweep_curve(study.run.folder, sweep, len(x0), title)]
 
 
-def sample_quality(args, diffusion, model, digit_net, samples, train_x, reference, vae):
+def save_sweep_grid(folder, x0, noised, restored, sweep, title):
+    """2.2c's image grid: the originals, then the noised and restored images per t'."""
+    rows = [x0] + [r for pair in zip(noised, restored) for r in pair]
+    labels = ['original'] + [lab for tp in sweep.t_primes
+                             for lab in (f"noised to t'={tp}", 'restored' + ('  <- t*' if tp == sweep.t_star else ''))]
+    return save_image_grid(torch.cat(rows), folder.file('2.2c_tprime_sweep.png'),
+                           f"Test images noised to t' with q_sample and restored by the reverse process from t' "
+                           f"({title}); t*={sweep.t_star}", nrow=len(x0), row_labels=labels)
+
+
+def save_sweep_curve(folder, sweep, n_images, title):
+    """2.2c's PSNR curve, with the chance level, the threshold and t* marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sweep.t_primes, sweep.restored_psnr, marker='o', label='restored vs original')
+    ax.plot(sweep.t_primes, sweep.noised_psnr, marker='s', linestyle=':', label="noised x_t' vs original")
+    ax.axhline(sweep.chance, color='gray', linestyle='--', label=f'unrelated test pairs ({sweep.chance:.1f} dB)')
+    ax.axhline(sweep.threshold, color='tab:red', linestyle=':', linewidth=1,
+               label=f't* threshold ({sweep.threshold:.1f} dB)')
+    ax.axvline(sweep.t_star, color='tab:red', label=f't* = {sweep.t_star}')
+    ax.set_xlabel("t' (0-based diffusion step the images are noised to)")
+    ax.set_ylabel(f'PSNR to the original (dB), mean of {n_images} images')
+    ax.set_title(f"Restoration from t' ({title})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curve = folder.file('2.2c_tprime_psnr.png')
+    fig.savefig(curve, dpi=110)
+    plt.close(fig)
+    return curve
+
+
+def sample_quality(study, samples):
     """The digit measure of the samples, of as many training images and (with --compare-vae) of the VAE's. Each
     also scores a second draw of as many images (digit_fd_redraw: the next seed, the next training images), so
     that a difference between rows can be set against the spread between two draws of one row."""
+    args, net, reference, train_x = study.args, study.digit_net[0], study.reference, study.train_x
     n = len(samples)
-    redraw, _ = draw_samples(diffusion, model, n, args.seed + 1, args.sampler, args.sample_steps,
-                             clip=args.clip_denoised)
-    quality = Quality(ddpm=digit_quality(digit_net, samples, reference),
-                      reference=digit_quality(digit_net, to_unit_range(train_x[:n]), reference))
-    quality.ddpm['digit_fd_redraw'] = digit_quality(digit_net, redraw, reference)['digit_fd']
+    redraw, _ = draw_samples(study, n, args.seed + 1)
+    quality = Quality(ddpm=digit_quality(net, samples, reference),
+                      reference=digit_quality(net, to_unit_range(train_x[:n]), reference))
+    quality.ddpm['digit_fd_redraw'] = digit_quality(net, redraw, reference)['digit_fd']
     if len(train_x) >= 2 * n:
-        quality.reference['digit_fd_redraw'] = digit_quality(digit_net, to_unit_range(train_x[n:2 * n]),
+        quality.reference['digit_fd_redraw'] = digit_quality(net, to_unit_range(train_x[n:2 * n]),
                                                              reference)['digit_fd']
-    if vae is not None:
+    if study.vae is not None:
+        vae, quality.vae_epoch = study.vae
         torch.manual_seed(args.seed)
-        quality.vae_samples, quality.vae_epoch = vae[0].sample(n), vae[1]
-        quality.vae = digit_quality(digit_net, quality.vae_samples, reference)
+        quality.vae_samples = vae.sample(n)
+        quality.vae = digit_quality(net, quality.vae_samples, reference)
         torch.manual_seed(args.seed + 1)
-        quality.vae['digit_fd_redraw'] = digit_quality(digit_net, vae[0].sample(n), reference)['digit_fd']
+        quality.vae['digit_fd_redraw'] = digit_quality(net, vae.sample(n), reference)['digit_fd']
     if args.inception_fid:
         quality.ddpm['inception_fd'] = inception_fd(samples, reference, device=samples.device)
     return quality
 
 
-def compare_samplers(args, diffusion, model, digit_net, reference, samples, sample_seconds):
+def compare_samplers(study, samples, sample_seconds):
     """DDPM-T, DDIM-50 and DDIM-100 on the same noise seed and number of images: {name: seconds and quality}."""
+    args = study.args
     samplers = {}
     for name, steps in [('ddpm', args.timesteps), ('ddim', 50), ('ddim', 100)]:
         if name == 'ddim' and steps >= args.timesteps:
@@ -455,40 +497,38 @@ def compare_samplers(args, diffusion, model, digit_net, reference, samples, samp
         if name == args.sampler and steps == (args.timesteps if name == 'ddpm' else args.sample_steps):
             images, seconds = samples, sample_seconds   # the figure's own samples
         else:
-            images, seconds = draw_samples(diffusion, model, args.num_samples, args.seed, name, steps,
-                                           clip=args.clip_denoised)
-        samplers[f'{name}_{steps}'] = dict(seconds=seconds, **digit_quality(digit_net, images, reference))
+            images, seconds = draw_samples(study, args.num_samples, args.seed, name, steps)
+        samplers[f'{name}_{steps}'] = dict(seconds=seconds, **digit_quality(study.digit_net[0], images,
+                                                                            study.reference))
     return samplers
 
 
-def final_stage(args, run, state, diffusion, sample_model, ema, samples, digit_net, vae, train_x, test_x, reference):
+def final_stage(study):
     """2.2a, 2.2c, 2.2d, the sample quality and the samplers' comparison (rank 0 alone): summary.json."""
+    args, run = study.args, study.run
     rows = run.folder.read_metrics()
     epoch = rows[-1]['epoch']
-    figures, sample_seconds = state['figures'], state['sample_seconds']
-    sampler = sampler_name(args.sampler, args.sample_steps, args.timesteps, args.clip_denoised)
+    figures, samples, sample_seconds = run.state['figures'], study.samples, run.state['sample_seconds']
     if samples is None:   # resumed after the last epoch: its samples were not kept
-        samples, sample_seconds = draw_samples(diffusion, sample_model, args.num_samples, args.seed,
-                                               args.sampler, args.sample_steps, clip=args.clip_denoised)
+        samples, sample_seconds = draw_samples(study, args.num_samples, args.seed)
     figures['2.2a'] = [save_time_figure(
         [r['epoch'] for r in rows], [r['seconds'] for r in rows], run.folder.file('2.2a_training_time.png'),
-        f'DDPM training wall-clock time on {run.config["device_name"]} ({len(train_x)} SVHN images per epoch)',
-        note=f'sampling one batch of {args.num_samples} images ({sampler}): {sample_seconds:.1f} s')]
-    sweep = restoration_sweep(args, run, diffusion, sample_model, test_x, epoch)
-    figures['2.2c'] = sweep.figures
+        f'DDPM training wall-clock time on {run.config["device_name"]} ({len(study.train_x)} SVHN images per epoch)',
+        note=f'sampling one batch of {args.num_samples} images ({study.sampler}): {sample_seconds:.1f} s')]
+    sweep, figures['2.2c'] = restoration_sweep(study, epoch)
     run.folder.save_samples(samples)
-    digit_net, digit_info = digit_net
-    quality = sample_quality(args, diffusion, sample_model, digit_net, samples, train_x, reference, vae)
-    samplers = compare_samplers(args, diffusion, sample_model, digit_net, reference, samples, sample_seconds)
-    figures['2.2d'] = [save_final_samples(run.folder, samples, epoch, sampler, quality, len(reference))]
-    metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(train_x), num_test=len(test_x),
+    quality = sample_quality(study, samples)
+    samplers = compare_samplers(study, samples, sample_seconds)
+    figures['2.2d'] = [save_final_samples(study, samples, epoch, quality)]
+    ema = study.ema
+    metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(study.train_x), num_test=len(study.test_x),
                    final_train_loss=rows[-1]['train_loss'], **time_metrics(rows),
                    sample_seconds=sample_seconds, sample_batch=args.num_samples,
                    t_star=sweep.t_star, t_star_threshold_psnr=sweep.threshold, chance_psnr=sweep.chance,
                    t_primes=args.t_primes, restored_psnr=sweep.restored_psnr, noised_psnr=sweep.noised_psnr,
-                   **quality.metrics(), quality_samples=len(samples), quality_reference=len(reference),
-                   digit_net_test_accuracy=digit_info['test_accuracy'], samplers=samplers,
-                   sampler=sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,
+                   **quality.metrics(), quality_samples=len(samples), quality_reference=len(study.reference),
+                   digit_net_test_accuracy=study.digit_net[1]['test_accuracy'], samplers=samplers,
+                   sampler=study.sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,
                    ema_updates=int(ema.n_averaged) if ema is not None else 0, device=run.config['device_name'])
     run.folder.write_summary('ddpm', figures, metrics)
     return metrics

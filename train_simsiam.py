@@ -3,17 +3,19 @@
     python train_simsiam.py --experiment all         # baseline + every variant, every figure (GPU: a few hours)
     python train_simsiam.py --experiment 3.4 --epochs 3 --limit-train 2048 --limit-test 512   # a CPU taste
 
-Three recipes (docs/api.md): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR ResNet-18 (3x3 stride-1
-stem, no max-pool), batch 512, random-resized-crop scale (0.2, 1). `assignment` is the course template exactly:
+Three recipes (docs/studies.md#recipes): `tuned` (the default) is the SimSiam paper's CIFAR setting: a CIFAR
+ResNet-18 (3x3 stride-1 stem, no max-pool), batch 512, random-resized-crop scale (0.2, 1). `assignment` is the course template exactly:
 torchvision's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1). Both: SGD momentum 0.9, weight decay 5e-4,
 lr 0.03 * batch / 256 (--lr is that base rate per 256 images, as in the official code) with cosine decay per epoch
 (the predictor's lr kept fixed), 100 epochs. `cpu` is the tuned recipe on a ResNet-18 a quarter as wide
 (studylib.narrow_resnet) at batch 128, for the CPU-scale study (docs/results.md gives its command).
 """
+import argparse
 import copy
 import math
 import os
 import textwrap
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,36 +23,35 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import q3_solution
-from q3_misc import TwoCropsTransform
 from studylib import UserError
-from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment, torchvision_pipeline
-from studylib.cli import make_parser, positive_float, positive_int, run_main
+from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugment
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
 from studylib.narrow_resnet import narrow_cifar_resnet18
-from studylib.dist import Ranks, all_sum, check_batch, gather_rows, setup, sync_batchnorm, wrap
 from studylib.plots import pyplot
-from studylib.run import (RunDir, lock_dir, make_config, prepare_out_dir, read_summary, refuse_finished,
-                          seed_everything, time_metrics)
-from studylib.speed import autocast, optimizer_kwargs, prepare_model, to_device_batch, use_amp
-from studylib.trainer import TrainingRun
+from studylib.run import (RESUMABLE_COMMON, RunDir, claim_folder, make_config, make_parser, parse_with_recipe,
+                          positive_float, positive_int, read_summary, recipe_help, seed_everything, time_metrics)
+from studylib.trainer import (Ranks, TrainingRun, all_sum, autocast, check_batch, gather_rows, optimizer_kwargs,
+                              prepare_model, run_main, sync_batchnorm, to_device_batch, use_amp, wrap)
 
-# ---- hyperparameters: the SimSiam paper's CIFAR setting (starred ones are flags, these are their defaults) -----------
-EPOCHS = 100                 # * passes over the training set (the paper: 800; the course notebook: 100)
-BASE_LR = 0.03               # * SGD lr per 256 images: lr = BASE_LR * batch / 256, cosine-decayed per epoch
+# ---- hyperparameters: the SimSiam paper's CIFAR setting. Each is the default of the flag of the same name ----------
+DEFAULTS = dict(
+    epochs=100,          # passes over the training set (the paper: 800; the course notebook: 100)
+    lr=0.03,             # SGD lr per 256 images: lr * batch / 256, cosine-decayed per epoch (the official --lr)
+    dim=2048,            # projector output dimension (paper Sec. 4.4)
+    pred_dim=512,        # predictor hidden dimension
+    knn_k=200,           # kNN monitor: neighbours (Wu et al., 2018)
+    knn_t=0.1,           # kNN monitor: temperature
+)
 MOMENTUM = 0.9               # SGD momentum
 WEIGHT_DECAY = 5e-4          # SGD weight decay (L2, on every trainable weight)
-DIM, PRED_DIM = 2048, 512    # * projector output / predictor hidden dimensions (paper Sec. 4.4)
-KNN_K, KNN_T = 200, 0.1      # * kNN monitor: neighbours and temperature (Wu et al., 2018)
 PROBE_EPOCHS = 100           # full-batch epochs of the final linear probe on frozen features
 EVAL_BATCH = 1024            # images per evaluation batch (memory only, not results)
-HYPERPARAMETERS = dict(epochs=EPOCHS, base_lr=BASE_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dim=DIM,
-                       pred_dim=PRED_DIM, knn_k=KNN_K, knn_t=KNN_T, probe_epochs=PROBE_EPOCHS, eval_batch=EVAL_BATCH)
-
+# a recipe sets --batch-size and two settings that are no flag: the encoder and the crop scale
 RECIPES = {
-    'tuned': dict(arch='cifar_resnet18', batch_size=512, crop_scale=(0.2, 1.0)),
-    'assignment': dict(arch='resnet18', batch_size=1024, crop_scale=(0.08, 1.0)),
+    'tuned': dict(arch='cifar_resnet18', batch_size=512, crop_scale=[0.2, 1.0]),
+    'assignment': dict(arch='resnet18', batch_size=1024, crop_scale=[0.08, 1.0]),
     # the CPU study (docs/results.md): the tuned recipe on a ResNet-18 a quarter as wide (studylib.narrow_resnet)
-    'cpu': dict(arch='narrow_cifar_resnet18', batch_size=128, crop_scale=(0.2, 1.0)),
+    'cpu': dict(arch='narrow_cifar_resnet18', batch_size=128, crop_scale=[0.2, 1.0]),
 }
 # Each variant changes one thing of the baseline; each question compares the baseline with its variants.
 VARIANTS = {
@@ -73,22 +74,19 @@ EXPERIMENTS = {
     'all': ['baseline', 'no-stop-grad', 'identity-pred', 'fixed-random-pred', 'dim4096'],
 }
 PREDICTOR_MODES = {'mlp': None, 'identity': 'no_pred_mlp', 'fixed-random': 'fixed_random_init'}
+# what a --resume may change besides the common flags: which configurations run, not how one trains
+RESUMABLE = RESUMABLE_COMMON | {'experiment'}
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/simsiam', epochs=EPOCHS, batch_size=None,
-                         lr=BASE_LR)
-    parser.set_defaults(lr=BASE_LR)
-    for action in parser._actions:   # SimSiam's --lr is the official code's: a base rate per 256 images
-        if action.dest == 'lr':
-            action.help = ('base learning rate per 256 images, as the official SimSiam --lr: the SGD lr is '
-                           'LR * batch / 256 (0.06 for the tuned recipe\'s batch 512), cosine-decayed per epoch')
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/simsiam',
+                         lr_help='base learning rate per 256 images, as the official SimSiam --lr: the SGD lr is '
+                                 'LR * batch / 256 (0.06 for the tuned recipe\'s batch 512), cosine-decayed per epoch')
     s = parser.add_argument_group('SimSiam study')
     s.add_argument('--recipe', choices=sorted(RECIPES), default='tuned',
-                   help='tuned (default): CIFAR ResNet-18, batch 512, crop scale (0.2, 1); assignment: the course '
-                        "template's ImageNet ResNet-18, batch 1024, crop scale (0.08, 1); cpu: the tuned recipe on a "
-                        'ResNet-18 a quarter as wide, batch 128 (the CPU study). --batch-size defaults to the '
-                        'recipe\'s')
+                   help=f'the defaults it sets ({recipe_help(RECIPES)}); tuned is the SimSiam paper\'s CIFAR '
+                        f'setting, assignment the course template exactly, cpu the CPU study; --batch-size given '
+                        f'explicitly wins')
     s.add_argument('--experiment', choices=['single', *EXPERIMENTS], default='single',
                    help='single: one configuration from the flags; 3.4: with/without stop-gradient; 3.5a: '
                         'baseline and identity predictor; 3.5b: projector 2048 and 4096; all: the baseline and '
@@ -96,22 +94,11 @@ def parse_args(argv=None):
     s.add_argument('--no-stop-grad', action='store_true', help='(single) drop the stop-gradient on z')
     s.add_argument('--predictor', choices=sorted(PREDICTOR_MODES), default='mlp',
                    help='(single) trainable MLP, identity, or a frozen random MLP')
-    s.add_argument('--dim', type=positive_int, default=DIM, help='projector output dimension')
-    s.add_argument('--pred-dim', type=positive_int, default=PRED_DIM, help='predictor hidden dimension')
-    s.add_argument('--knn-k', type=positive_int, default=KNN_K, help='neighbours of the kNN monitor')
-    s.add_argument('--knn-t', type=positive_float, default=KNN_T, help='temperature of the kNN monitor')
-    s.add_argument('--loader', choices=['device', 'torchvision'], default='device',
-                   help='device: the training set as one uint8 tensor on the device, both views augmented batched '
-                        'there (studylib.augment); torchvision: per-image v2 transforms in a DataLoader, for '
-                        'comparison')
-    s.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
-                   help='--loader torchvision: DataLoader worker processes (0: in the main process)')
-    args = parser.parse_args(argv)
-    recipe = RECIPES[args.recipe]
-    if args.batch_size is None:
-        args.batch_size = recipe['batch_size']
-    if args.workers < 0:
-        parser.error('--workers must be >= 0')
+    s.add_argument('--dim', type=positive_int, help='projector output dimension')
+    s.add_argument('--pred-dim', type=positive_int, help='predictor hidden dimension')
+    s.add_argument('--knn-k', type=positive_int, help='neighbours of the kNN monitor')
+    s.add_argument('--knn-t', type=positive_float, help='temperature of the kNN monitor')
+    args = parse_with_recipe(parser, argv, DEFAULTS, RECIPES)
     if args.batch_size < 2:
         parser.error(f'--batch-size {args.batch_size}: batch norm needs at least 2 images per batch')
     return args
@@ -120,24 +107,6 @@ def parse_args(argv=None):
 def get_lr(epoch, base_lr, epochs):
     """Cosine decay per epoch (0-based), as the SimSiam paper: base_lr * 0.5 * (1 + cos(pi * epoch / epochs))."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-
-# The per-image torchvision v2 pipeline of --loader torchvision (uint8 (3, 32, 32) -> normalised float); the
-# default --loader device draws the same distribution for a whole batch on the device (studylib.augment).
-make_augmentation = torchvision_pipeline
-
-
-class Views(torch.utils.data.Dataset):
-    """Two augmented views of each uint8 image (the template's TwoCropsTransform)."""
-
-    def __init__(self, images, transform):
-        self.images, self.transform = images, TwoCropsTransform(transform)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i])
 
 
 def normalise(images):
@@ -161,7 +130,7 @@ def backbone(model):
 
 
 @torch.no_grad()
-def knn_accuracy(model, train_x, train_y, test_x, test_y, k, t, ranks=None):
+def knn_accuracy(model, train_x, train_y, test_x, test_y, *, k, t, ranks=None):
     """Top-1 % of the weighted kNN monitor on the L2-normalised encoder output (the template's features).
 
     Under torchrun each rank embeds its share of the training set, the bank is gathered on every rank, and each
@@ -203,7 +172,7 @@ def variant_settings(args, name):
         base = dict(stop_grad=not args.no_stop_grad, predictor=args.predictor, dim=args.dim)
     else:
         base = dict(stop_grad=True, predictor='mlp', dim=args.dim) | VARIANTS[name]
-    return dict(arch=RECIPES[args.recipe]['arch'], pred_dim=args.pred_dim, **base)
+    return dict(arch=args.arch, pred_dim=args.pred_dim, **base)
 
 
 def build_model(settings):
@@ -254,6 +223,7 @@ def finished_metrics(args, run, name):
     if summary.get('model') != 'simsiam' or 'epochs' not in summary['metrics']:
         raise UserError(f'--resume: {run.path} holds a {summary.get("model")} run, not a SimSiam '
                         f'configuration; point --out-dir at a train_simsiam.py run')
+    run.check_same_flags(vars(args), RESUMABLE)   # a finished configuration of other flags is not this one
     if summary['metrics']['epochs'] >= args.epochs:
         print(f'{name}: already finished in {run.path}')
         return summary['metrics']
@@ -263,40 +233,55 @@ def finished_metrics(args, run, name):
     return None
 
 
-def two_views(args, augment, images, idx, loop, loader):
-    """The step's two augmented views of this rank's rows (idx), on the device."""
-    if args.loader == 'device':   # both views made on the device: no per-image Python, no copies
-        x = images[idx]                                                      # (B, 3, 32, 32) uint8
-        # each view's parameters are drawn for the global batch; this rank applies its rows
-        params = [augment.sample_params(loop.global_batch, *x.shape[-2:]) for _ in range(2)]
-        x1, x2 = (augment.apply(x, {k: v[loop.part] for k, v in p.items()}) for p in params)
-    else:
-        x1, x2 = (view[loop.part] for view in next(loader))                 # the global batch's views
+def two_views(augment, images, idx, loop):
+    """The step's two augmented views of this rank's rows (idx), made on the device: no per-image Python."""
+    x = images[idx]                                                          # (B, 3, 32, 32) uint8
+    # each view's parameters are drawn for the global batch; this rank applies its rows
+    params = [augment.sample_params(loop.global_batch, *x.shape[-2:]) for _ in range(2)]
+    x1, x2 = (augment.apply(x, {k: v[loop.part] for k, v in p.items()}) for p in params)
     return to_device_batch(x1, images.device), to_device_batch(x2, images.device)
+
+
+@dataclass
+class Member:
+    """One configuration of the study while it trains: its name and model settings, its run, its model, and the
+    data (uint8 on the device: train_x, train_y, test_x, test_y)."""
+    args: argparse.Namespace
+    name: str
+    settings: dict
+    run: TrainingRun
+    model: nn.Module
+    data: tuple
+
+    def knn(self):
+        return knn_accuracy(self.model, *self.data, k=self.args.knn_k, t=self.args.knn_t, ranks=self.run.ranks)
+
+    def healthy_z_std(self):
+        return 1 / math.sqrt(self.settings['dim'])
 
 
 def train_config(args, name, data, ranks, command):
     """Train one configuration in its own run folder (resuming it if asked); returns its final metrics."""
-    train_x, train_y, test_x, test_y = data
     settings = variant_settings(args, name)
     folder = RunDir(config_dir(args, name))
     done = finished_metrics(args, folder, name)
     if done is not None:
         return done
     device, lr = ranks.device, args.lr * args.batch_size / 256   # --lr is per 256 images (the official code)
-    config = make_config(args, 'simsiam', settings, device, command, HYPERPARAMETERS) | {'configuration': name}
+    config = make_config(args, 'simsiam', settings, device, command,
+                         constants=dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, probe_epochs=PROBE_EPOCHS,
+                                        eval_batch=EVAL_BATCH)) | {'configuration': name}
     # a configuration of an experiment not started yet starts fresh; a single run must have its checkpoint
     resume = args.resume and (args.experiment == 'single' or os.path.exists(folder.checkpoint_path))
-    run = TrainingRun(ranks, folder.path, config, resume, seed=args.seed, epochs=args.epochs,
-                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, allow_nan=args.allow_nan)
+    run = TrainingRun(ranks, args, config, RESUMABLE, out_dir=folder.path, resume=resume)
     model, step_model, optimizer = build(settings, lr, device, ranks, args.compile)
     amp = use_amp(args.amp, device)
     run.resume(model, optimizer)
-    crop_scale = RECIPES[args.recipe]['crop_scale']
-    augment, views = SimSiamAugment(crop_scale=crop_scale), Views(train_x, make_augmentation(crop_scale))
-    train_x, train_y, test_x, test_y = (t.to(device) for t in data)   # uint8 (N, 3, 32, 32) on the device
+    augment = SimSiamAugment(crop_scale=args.crop_scale)
+    member = Member(args, name, settings, run, model, tuple(t.to(device) for t in data))   # uint8 on the device
+    train_x = member.data[0]
     if run.ckpt is None:   # a fresh start: the monitors before any training are the log's epoch 0
-        initial_monitors(args, run, model, name, settings, augment, (train_x, train_y, test_x, test_y))
+        initial_monitors(member, augment)
 
     for epoch in run.epochs():
         epoch_lr = get_lr(epoch - 1, lr, args.epochs)
@@ -304,23 +289,17 @@ def train_config(args, name, data, ranks, command):
             group['lr'] = lr if group['fix_lr'] else epoch_lr
         model.train()
         loop = run.epoch_loop(epoch, len(train_x), num_sums=2, drop_last=True)   # loss and z std, summed
-        loader = None
-        if args.loader == 'torchvision':   # per-image transforms in worker processes, in the epoch's order
-            loader = iter(torch.utils.data.DataLoader(
-                views, batch_size=args.batch_size, sampler=loop.order[loop.start * args.batch_size:].tolist(),
-                drop_last=True, num_workers=args.workers, pin_memory=device.type == 'cuda'))
         for idx in loop:
-            x1, x2 = two_views(args, augment, train_x, idx, loop, loader)
+            x1, x2 = two_views(augment, train_x, idx, loop)
             loss, z1 = train_step(model, step_model, optimizer, x1, x2, amp)
             collapse = collapse_indicator(z1)
             loop.record(loss, torch.stack([loss.detach(), collapse]) / ranks.world)   # means over ranks
         sums, seconds = loop.finish()
         with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
-            end_of_epoch(args, run, model, name, settings, epoch, epoch_lr, sums / len(loop), seconds, data=(
-                train_x, train_y, test_x, test_y))
+            end_of_epoch(member, epoch, epoch_lr, sums / len(loop), seconds)
     if not ranks.is_main:
         return None
-    return final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y)
+    return final_metrics(member)
 
 
 def collapse_indicator(z):
@@ -330,61 +309,65 @@ def collapse_indicator(z):
 
 
 @torch.no_grad()
-def initial_monitors(args, run, model, name, settings, augment, data):
+def initial_monitors(member, augment):
     """Epoch 0 of the log: the kNN monitor of the untrained model, and the loss and z std of its first batch
     (measured on a copy in training mode, so that neither the weights, the batch-norm statistics nor the training's
     random numbers change). Every rank runs the copy on the same batch: its batch norms are synchronised across the
     ranks, so a forward pass on rank 0 alone would wait for the others forever."""
-    knn = knn_accuracy(model, *data, args.knn_k, args.knn_t, run.ranks)
-    train_x = data[0]
+    args, run = member.args, member.run
+    knn = member.knn()
+    train_x = member.data[0]
     with torch.random.fork_rng(devices=[train_x.device] if train_x.is_cuda else []):
         torch.manual_seed(args.seed)
         x = train_x[:args.batch_size]                                        # (B, 3, 32, 32) uint8
         x1, x2 = (augment.apply(x, augment.sample_params(len(x), *x.shape[-2:])) for _ in range(2))
-        probe = copy.deepcopy(model).train()
+        probe = copy.deepcopy(member.model).train()
         p1, p2, z1, z2 = probe(to_device_batch(x1, x.device), to_device_batch(x2, x.device))
         loss, z_std = float(probe.loss(p1, p2, z1, z2)), float(collapse_indicator(z1))
     if not run.ranks.is_main:
         return
     run.folder.log_metrics(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, lr=None, seconds=0.0))
-    tqdm.write(f'{name} before training: loss {loss:.4f} (first batch), kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
-               f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f})')
+    tqdm.write(f'{member.name} before training: loss {loss:.4f} (first batch), kNN top-1 {knn:.2f}%, z std '
+               f'{z_std:.4f} (healthy ~{member.healthy_z_std():.4f})')
 
 
-def end_of_epoch(args, run, model, name, settings, epoch, lr, means, seconds, data):
+def end_of_epoch(member, epoch, lr, means, seconds):
     """The kNN monitor (every rank: the work is split), then the log row and the checkpoint (rank 0)."""
-    knn = knn_accuracy(model, *data, args.knn_k, args.knn_t, run.ranks)
+    knn = member.knn()
+    run = member.run
     if not run.ranks.is_main:
         return
     train_loss, z_std = means.tolist()
     run.folder.log_metrics(dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr,
                                 seconds=seconds))
-    tqdm.write(f'{name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
-               f'(healthy ~{1 / math.sqrt(settings["dim"]):.4f}), lr {lr:.4f}, {seconds:.1f} s')
+    tqdm.write(f'{member.name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
+               f'(healthy ~{member.healthy_z_std():.4f}), lr {lr:.4f}, {seconds:.1f} s')
     run.save(epoch)
 
 
-def final_metrics(run, model, name, settings, train_x, train_y, test_x, test_y):
+def final_metrics(member):
     """The linear probe on the frozen backbone and the configuration's summary.json (rank 0)."""
+    run, (train_x, train_y, test_x, test_y) = member.run, member.data
     log = run.folder.read_metrics()
     init = [r for r in log if r['epoch'] == 0]   # the untrained model (absent in runs logged before epoch 0 was)
     rows = [r for r in log if r['epoch'] > 0]
-    probe = linear_probe(model, train_x, train_y, test_x, test_y, PROBE_EPOCHS)
-    metrics = dict(configuration=name, epochs=rows[-1]['epoch'], final_train_loss=rows[-1]['train_loss'],
+    probe = linear_probe(member.model, train_x, train_y, test_x, test_y, PROBE_EPOCHS)
+    metrics = dict(configuration=member.name, epochs=rows[-1]['epoch'], final_train_loss=rows[-1]['train_loss'],
                    final_knn_top1=rows[-1]['knn_top1'], best_knn_top1=max(r['knn_top1'] for r in rows),
                    init_knn_top1=init[0]['knn_top1'] if init else None,
                    init_z_std=init[0]['z_std'] if init else None, min_train_loss=min(r['train_loss'] for r in rows),
                    final_z_std=rows[-1]['z_std'], linear_probe_top1=probe, num_train=len(train_x),
-                   num_test=len(test_x), **time_metrics(rows), device=run.config['device_name'], **settings)
+                   num_test=len(test_x), **time_metrics(rows), device=run.config['device_name'], **member.settings)
     run.folder.write_summary('simsiam', {}, metrics)
     return metrics
 
 
-def save_question_figures(out, qid, title, names, logs, rate_line=None, scale=''):
+def save_question_figures(out, qid, names, logs, rate_line, scale=''):
     """Loss and kNN accuracy against epoch (two panels, one legend), and the collapse indicator; `scale` (the
     run's encoder, images, batch and schedule) goes under both titles, so that a figure says what it measured."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
+    title = QUESTIONS[qid][0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
         epochs = [r['epoch'] for r in logs[name]]
@@ -433,14 +416,10 @@ def config_dir(args, name):
 def check_out_dir(args, names):
     """Before training anything: a fresh start never replaces a finished run or configuration, and a resume
     needs a SimSiam run there (not a missing folder, nor another model's run)."""
-    top = read_summary(args.out_dir) if os.path.isdir(args.out_dir) else None
     if not args.resume:
-        refuse_finished(args.out_dir)
-        for name in names:
-            RunDir(config_dir(args, name)).refuse_fresh_start()
-        prepare_out_dir(args.out_dir)
-        lock_dir(args.out_dir)
+        claim_folder(args.out_dir, fresh=True, members=[config_dir(args, n) for n in names])
         return
+    top = read_summary(args.out_dir) if os.path.isdir(args.out_dir) else None
     if not os.path.isdir(args.out_dir):
         raise UserError(f'--resume: there is no run at {args.out_dir}; start without --resume, or point --out-dir '
                         f'at the run to continue')
@@ -451,12 +430,11 @@ def check_out_dir(args, names):
             and not any(os.path.isdir(config_dir(args, n)) for n in names):
         raise UserError(f'--resume: {args.out_dir} holds none of the configurations {names}; start without '
                         f'--resume, or point --out-dir at the experiment to continue')
-    prepare_out_dir(args.out_dir)
-    lock_dir(args.out_dir)
+    claim_folder(args.out_dir, fresh=False)
 
 
-def train(args, command='python train_simsiam.py', ranks=None):
-    ranks = ranks or setup(args.device)   # under torchrun every rank seeds alike: same global batches (studylib.dist)
+def train(args, command, ranks):
+    # under torchrun every rank seeds alike and draws the same global batches (studylib.trainer)
     device = ranks.device
     seed_everything(args.seed)
     train_x, train_y = load_split('cifar10', args.data_dir, 'train', not args.no_download, args.limit_train)
@@ -485,12 +463,12 @@ def train(args, command='python train_simsiam.py', ranks=None):
     logs = {name: RunDir(os.path.join(args.out_dir, name)).read_metrics() for name in names}
     dims = {name: results[name]['dim'] for name in names}
     figures = {}
-    scale = (f'{RECIPES[args.recipe]["arch"]}, {len(train_x):,} CIFAR-10 training images (the kNN bank), '
+    scale = (f'{args.arch}, {len(train_x):,} CIFAR-10 training images (the kNN bank), '
              f'{len(test_x):,} test images, batch {args.batch_size}, {args.epochs} epochs, lr {args.lr:g} per 256')
-    for qid, (title, members) in QUESTIONS.items():
+    for qid, (_, members) in QUESTIONS.items():
         members = [m for m in members if m in names]
         if len(members) >= 2:
-            figures[qid] = save_question_figures(args.out_dir, qid, title, members, logs, dims, scale)
+            figures[qid] = save_question_figures(args.out_dir, qid, members, logs, dims, scale)
     exp.write_json('config.json', make_config(args, 'simsiam-experiment', {'configurations': names}, device,
                                               command))
     exp.write_summary('simsiam', figures, results)

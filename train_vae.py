@@ -7,8 +7,10 @@ Figures (question ids of the seed): 1.3a training time, 1.3b prior samples durin
 during training, 1.3d final samples, 1.3e per-class latent profiles, 1.3f latent interpolations. Metrics: per-epoch
 rows in metrics.jsonl; summary.json holds the final ones, among them the importance-sampled test log-likelihood.
 """
+import argparse
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -16,42 +18,42 @@ from tqdm import tqdm
 
 import vae_solution
 from studylib import UserError
-from studylib.cli import make_parser, positive_int, run_main
 from studylib.data import batch_indices, first_per_class, load_split, to_unit_range
-from studylib.dist import check_batch, setup, sync_batchnorm, wrap
 from studylib.plots import pyplot, save_image_grid, save_time_figure
-from studylib.run import make_config, seed_everything, time_metrics
-from studylib.speed import autocast, optimizer_kwargs, prepare_model, use_amp
-from studylib.trainer import TrainingRun
+from studylib.run import (RESUMABLE_COMMON, make_config, make_parser, parse_with_recipe, positive_int,
+                          seed_everything, time_metrics)
+from studylib.trainer import (TrainingRun, autocast, check_batch, optimizer_kwargs, prepare_model, run_main,
+                              sync_batchnorm, use_amp, wrap)
 
-# ---- hyperparameters: the assignment's (starred ones are flags, these are their defaults) ----------------------------
-EPOCHS = 30                                  # * passes over the training set
-BATCH_SIZE = vae_solution.train_batch_size   # * images per optimizer step (64)
-LR = vae_solution.lr                         # * Adam step size (1e-4); Adam's betas and eps are torch's defaults
-Z_DIM = vae_solution.z_dim                   # * latent dimensions (32)
-FEATURES = 32                                # encoder and decoder base channels (the template's nef = ndf = 32)
-SAMPLE_EVERY = 5                             # * epochs between the 1.3b / 1.3c progress figures
-LL_K = 100                                   # * importance samples per test image for log p(x)
-PROFILE_PER_CLASS = 100                      # * training images per digit averaged in the 1.3e latent profile
-FIGURE_Z = 64                                # fixed prior draws decoded in every 1.3b grid
-EVAL_BATCH = 500                             # images per evaluation batch (memory only, not results)
-HYPERPARAMETERS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, z_dim=Z_DIM, features=FEATURES,
-                       sample_every=SAMPLE_EVERY, ll_k=LL_K, profile_per_class=PROFILE_PER_CLASS,
-                       figure_z=FIGURE_Z, eval_batch=EVAL_BATCH)
+# ---- hyperparameters: the assignment's. Each is the default of the flag of the same name ----------------------------
+DEFAULTS = dict(
+    epochs=30,                                   # passes over the training set
+    batch_size=vae_solution.train_batch_size,    # images per optimizer step (64)
+    lr=vae_solution.lr,                          # Adam step size (1e-4); Adam's betas and eps are torch's defaults
+    z_dim=vae_solution.z_dim,                    # latent dimensions (32)
+    sample_every=5,                              # epochs between the 1.3b / 1.3c progress figures
+    ll_k=100,                                    # importance samples per test image for log p(x)
+    profile_per_class=100,                       # training images per digit averaged in the 1.3e latent profile
+)
+FEATURES = 32          # encoder and decoder base channels (the template's nef = ndf = 32)
+FIGURE_Z = 64          # fixed prior draws decoded in every 1.3b grid
+EVAL_BATCH = 500       # images per evaluation batch (memory only, not results)
+# what a --resume may change besides the common flags: what the final stage measures, not what trains
+RESUMABLE = RESUMABLE_COMMON | {'sample_every', 'll_k', 'profile_per_class'}
 NUM_PIXELS = 3 * 32 * 32
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/vae', epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
+    parser = make_parser(__doc__.split('\n')[0], out_dir='runs/vae')
     vae = parser.add_argument_group('VAE study')
-    vae.add_argument('--z-dim', type=positive_int, default=Z_DIM, help='latent dimensions')
-    vae.add_argument('--sample-every', type=positive_int, default=SAMPLE_EVERY,
+    vae.add_argument('--z-dim', type=positive_int, help='latent dimensions')
+    vae.add_argument('--sample-every', type=positive_int,
                      help='save the 1.3b samples and 1.3c reconstructions every N epochs (and after the last)')
-    vae.add_argument('--ll-k', type=positive_int, default=LL_K,
+    vae.add_argument('--ll-k', type=positive_int,
                      help='importance samples per test image for the final log-likelihood (1.3 metrics)')
-    vae.add_argument('--profile-per-class', type=positive_int, default=PROFILE_PER_CLASS,
+    vae.add_argument('--profile-per-class', type=positive_int,
                      help='training images per digit averaged in the 1.3e latent profile')
-    return parser.parse_args(argv)
+    return parse_with_recipe(parser, argv, DEFAULTS)
 
 
 def bits_per_dim(log_likelihood_nats):
@@ -142,8 +144,9 @@ def save_latent_profiles(model, images, labels, per_class, run, epoch):
 
 
 @torch.no_grad()
-def save_interpolations(model, test_images, test_labels, run, epoch, generator, n_points=10):
+def save_interpolations(study, epoch, n_points=10):
     """1.3f: rows decoding n_points from z_1 to z_2, for pairs of test posterior means and pairs of prior draws."""
+    model, test_images, test_labels, run = study.model, study.test_x, study.test_y, study.run.folder
     model.eval()
     pairs = [(0, 4), (1, 5), (2, 6), (3, 7)]
     mu = model.encode(to_unit_range(test_images[:8])).mean                        # (8, z)
@@ -151,7 +154,7 @@ def save_interpolations(model, test_images, test_labels, run, epoch, generator, 
     for a, b in pairs:
         rows.append(vae_solution.interpolate(model, mu[a:a + 1], mu[b:b + 1], n_points))
         labels.append(f'test {int(test_labels[a])} -> {int(test_labels[b])}')
-    z = torch.randn(8, model.z_dim, generator=generator).to(mu.device)
+    z = torch.randn(8, model.z_dim, generator=study.figure_rng).to(mu.device)
     for i in range(4):
         rows.append(vae_solution.interpolate(model, z[2 * i:2 * i + 1], z[2 * i + 1:2 * i + 2], n_points))
         labels.append(f'prior pair {i + 1}')
@@ -162,7 +165,7 @@ def save_interpolations(model, test_images, test_labels, run, epoch, generator, 
 
 class ReparamStep(nn.Module):
     """VAE.forward's loss terms with the reparameterisation noise passed in: (nll (B,), kl (B,)) for x and
-    eps ~ N(0, I) of shape (B, z_dim). Under torchrun each rank passes its rows of one global draw (studylib.dist);
+    eps ~ N(0, I) of shape (B, z_dim). Under torchrun each rank passes its rows of one global draw (studylib.trainer);
     in one process the draw is the very one VAE.forward would make (tests/test_train_vae.py)."""
 
     def __init__(self, vae):
@@ -187,7 +190,7 @@ def build(model_config, lr, device, ranks=None, compile_model=False):
 
 def train_step(step_model, optimizer, x, eps, amp, loss_scale=1.0):
     """One optimizer step on the negative ELBO, (nll + kl).mean(), with the reparameterisation noise eps given:
-    (loss, nll (B,), kl (B,)). loss_scale weights this rank's share of the global batch (studylib.loop)."""
+    (loss, nll (B,), kl (B,)). loss_scale weights this rank's share of the global batch (studylib.trainer)."""
     with autocast(x.device, amp):
         nll, kl = step_model(x, eps)                                    # (B,), (B,)
         loss = (nll + kl).mean()
@@ -210,70 +213,97 @@ def load_data(args, ranks):
     return train_x, train_y, test_x, test_y
 
 
-def train(args, command='python train_vae.py', ranks=None):
-    # ---- setup: under torchrun every rank seeds alike and draws the same global batches (studylib.dist)
-    ranks = ranks or setup(args.device)
+@dataclass
+class Study:
+    """Everything one VAE run holds between its steps: the flags, the run folder, the model and its optimizer, the
+    data (uint8 on the device) and the fixed inputs of the progress figures (comparable across epochs)."""
+    args: argparse.Namespace
+    run: TrainingRun
+    model: vae_solution.VAE
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    amp: bool
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    figure_rng: torch.Generator   # the fixed prior draws of 1.3b, then the 1.3f prior pairs
+    fixed_z: torch.Tensor         # (FIGURE_Z, z_dim)
+    fixed_x: torch.Tensor         # (24 or 8, 3, 32, 32) uint8 test images
+
+
+def setup_study(args, command, ranks):
+    """Data first (a missing file fails in seconds, before the run folder is touched), then the run folder, the
+    model and its optimizer, restored from the checkpoint under --resume."""
     device = ranks.device
     seed_everything(args.seed)
-
-    # ---- data first: a missing file must fail in seconds, before the run folder is touched
     train_x, train_y, test_x, test_y = load_data(args, ranks)
     model_config = dict(in_channels=vae_solution.input_channels, encoder_features=FEATURES,
                         decoder_features=FEATURES, z_dim=args.z_dim, input_size=vae_solution.image_size)
-    config = make_config(args, 'vae', model_config, device, command, HYPERPARAMETERS)
-    run = TrainingRun(ranks, args.out_dir, config, args.resume, seed=args.seed, epochs=args.epochs,
-                      batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, allow_nan=args.allow_nan)
-
-    # ---- model and optimizer
+    config = make_config(args, 'vae', model_config, device, command,
+                         constants=dict(figure_z=FIGURE_Z, eval_batch=EVAL_BATCH))
+    run = TrainingRun(ranks, args, config, RESUMABLE)
     model, step_model, optimizer = build(model_config, args.lr, device, ranks, args.compile)
-    amp = use_amp(args.amp, device)
-    figures = run.resume(model, optimizer, figures={'1.3b': [], '1.3c': []})['figures']
+    run.resume(model, optimizer, figures={'1.3b': [], '1.3c': []})
     print(f'VAE: {sum(p.numel() for p in model.parameters()):,} parameters; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
-    # fixed inputs of the progress figures, so that grids of different epochs are comparable
     figure_rng = torch.Generator().manual_seed(args.seed)
     fixed_z = torch.randn(FIGURE_Z, args.z_dim, generator=figure_rng).to(device)
     fixed_x = test_x[:24 if len(test_x) >= 24 else 8].to(device)
-    train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
+    return Study(args, run, model, step_model, optimizer, use_amp(args.amp, device), train_x.to(device), train_y,
+                 test_x.to(device), test_y, figure_rng, fixed_z, fixed_x)   # whole dataset on the device as uint8
+
+
+def train(args, command, ranks):
+    # ---- setup, data, model, optimizer: under torchrun every rank seeds alike and draws the same global batches
+    study = setup_study(args, command, ranks)
+    run, device = study.run, ranks.device
 
     # ---- training loop
     for epoch in run.epochs():
-        model.train()
-        loop = run.epoch_loop(epoch, len(train_x), num_sums=3)   # loss, nll, kl summed on the device
+        study.model.train()
+        loop = run.epoch_loop(epoch, len(study.train_x), num_sums=3)   # loss, nll, kl summed on the device
         for idx in loop:
-            x = to_unit_range(train_x[idx])                       # (B, 3, 32, 32) in [-1, 1]
+            x = to_unit_range(study.train_x[idx])                 # (B, 3, 32, 32) in [-1, 1]
             eps = torch.randn((loop.global_batch, args.z_dim), device=device)[loop.part]   # this rank's rows
-            loss, nll, kl = train_step(step_model, optimizer, x, eps, amp, loop.loss_scale)
+            loss, nll, kl = train_step(study.step_model, study.optimizer, x, eps, study.amp, loop.loss_scale)
             loop.record(loss, torch.stack([loss.detach() * len(idx), nll.detach().sum(), kl.detach().sum()]))
         sums, seconds = loop.finish()
-        train_loss, train_nll, train_kl = (sums / loop.images).tolist()   # one host sync per epoch
         with loop.end_of_epoch():   # a signal here keeps the epoch's training (exit 130)
-            test_nll, test_kl = evaluate_elbo(model, test_x)   # every rank: the RNG streams stay alike
-            if not ranks.is_main:   # rank 0 alone writes the log, the figures and the checkpoint
-                continue
-            run.folder.log_metrics(dict(epoch=epoch, train_loss=train_loss, train_nll=train_nll,
-                                        train_kl=train_kl, test_nll=test_nll, test_kl=test_kl,
-                                        test_neg_elbo=test_nll + test_kl, seconds=seconds))
-            tqdm.write(f'epoch {epoch}: train loss {train_loss:.2f} (nll {train_nll:.2f}, kl {train_kl:.2f}), '
-                       f'test -ELBO {test_nll + test_kl:.2f}, {seconds:.1f} s')
-            if epoch % args.sample_every == 0 or epoch == args.epochs:
-                b, c = save_progress_figures(model, run.folder, epoch, fixed_z, fixed_x)   # draws nothing
-                figures['1.3b'].append(b)
-                figures['1.3c'].append(c)
-            run.save(epoch)
+            test_nll, test_kl = evaluate_elbo(study.model, study.test_x)   # every rank: the RNG streams stay alike
+            if ranks.is_main:   # rank 0 alone writes the log, the figures and the checkpoint
+                train_loss, train_nll, train_kl = (sums / loop.images).tolist()   # one host sync per epoch
+                end_of_epoch(study, epoch, dict(train_loss=train_loss, train_nll=train_nll, train_kl=train_kl,
+                                                test_nll=test_nll, test_kl=test_kl,
+                                                test_neg_elbo=test_nll + test_kl, seconds=seconds))
     if not ranks.is_main:
         return None
-    return final_stage(args, run, model, figures, figure_rng, train_x, train_y, test_x, test_y)
+    return final_stage(study)
 
 
-def final_stage(args, run, model, figures, figure_rng, train_x, train_y, test_x, test_y):
+def end_of_epoch(study, epoch, row):
+    """The epoch's log row and checkpoint; every --sample-every epochs (and the last) the 1.3b and 1.3c figures."""
+    args, run = study.args, study.run
+    run.folder.log_metrics(dict(epoch=epoch, **row))
+    tqdm.write(f'epoch {epoch}: train loss {row["train_loss"]:.2f} (nll {row["train_nll"]:.2f}, kl '
+               f'{row["train_kl"]:.2f}), test -ELBO {row["test_neg_elbo"]:.2f}, {row["seconds"]:.1f} s')
+    if epoch % args.sample_every == 0 or epoch == args.epochs:
+        b, c = save_progress_figures(study.model, run.folder, epoch, study.fixed_z, study.fixed_x)   # draws nothing
+        run.state['figures']['1.3b'].append(b)
+        run.state['figures']['1.3c'].append(c)
+    run.save(epoch)
+
+
+def final_stage(study):
     """1.3a, 1.3d, 1.3e, 1.3f and the test log-likelihood of the trained VAE (rank 0 alone): summary.json."""
+    args, run, model = study.args, study.run, study.model
+    figures = run.state['figures']
     rows = run.folder.read_metrics()
     epoch = rows[-1]['epoch']
     figures['1.3a'] = [save_time_figure([r['epoch'] for r in rows], [r['seconds'] for r in rows],
                                         run.folder.file('1.3a_training_time.png'),
                                         f'VAE training wall-clock time on {run.config["device_name"]} '
-                                        f'({len(train_x)} SVHN images per epoch)')]
+                                        f'({len(study.train_x)} SVHN images per epoch)')]
     model.eval()
     torch.manual_seed(args.seed + 1)   # not args.seed: that would redraw the fixed z of the 1.3b grids
     samples = model.sample(64)                                        # (64, 3, 32, 32) in [-1, 1]
@@ -281,11 +311,12 @@ def final_stage(args, run, model, figures, figure_rng, train_x, train_y, test_x,
                                        f'64 samples from the VAE after {epoch} epochs '
                                        f'(decoder mean of z ~ N(0,I))')]
     run.folder.save_samples(samples)
-    figures['1.3e'] = [save_latent_profiles(model, train_x, train_y, args.profile_per_class, run.folder, epoch)]
-    figures['1.3f'] = [save_interpolations(model, test_x, test_y, run.folder, epoch, figure_rng)]
-    ll = test_log_likelihood(model, test_x, args.ll_k)
+    figures['1.3e'] = [save_latent_profiles(model, study.train_x, study.train_y, args.profile_per_class,
+                                            run.folder, epoch)]
+    figures['1.3f'] = [save_interpolations(study, epoch)]
+    ll = test_log_likelihood(model, study.test_x, args.ll_k)
     last = rows[-1]
-    metrics = dict(epochs=epoch, num_train=len(train_x), num_test=len(test_x),
+    metrics = dict(epochs=epoch, num_train=len(study.train_x), num_test=len(study.test_x),
                    final_train_loss=last['train_loss'], final_test_neg_elbo=last['test_neg_elbo'],
                    final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
                    test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
