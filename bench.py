@@ -25,7 +25,7 @@ import train_simsiam
 import train_vae
 from studylib.augment import SimSiamAugment
 from studylib.benchmarks import measure_pipelines
-from studylib.cli import HelpFormatter, positive_int, user_errors
+from studylib.run import HelpFormatter, positive_int, user_errors
 from studylib.run import device_description, pick_device
 
 BATCH = 64           # the training-step batch of every model (the peers' comparison batch too)
@@ -82,29 +82,29 @@ def reset_peak(device):
 def vae_step(device, amp):
     """The driver's VAE step (train_vae.build / train_step): reparameterisation noise passed in, as it trains."""
     model_config = dict(in_channels=3, encoder_features=train_vae.FEATURES, decoder_features=train_vae.FEATURES,
-                        z_dim=train_vae.Z_DIM, input_size=32)
-    _, step_model, optimizer = train_vae.build(model_config, train_vae.LR, device)
+                        z_dim=train_vae.DEFAULTS['z_dim'], input_size=32)
+    _, step_model, optimizer = train_vae.build(model_config, train_vae.DEFAULTS['lr'], device)
     x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1
-    eps = torch.randn(BATCH, train_vae.Z_DIM, device=device)
+    eps = torch.randn(BATCH, train_vae.DEFAULTS['z_dim'], device=device)
     return lambda: train_vae.train_step(step_model, optimizer, x, eps, amp)
 
 
 def ddpm_parts(device):
     model_config = dict(dim=train_ddpm.DIM, channels=3, dim_mults=list(train_ddpm.DIM_MULTS))
-    diffusion_config = dict(timesteps=train_ddpm.TIMESTEPS, beta_start=ddpm_solution.beta_start,
+    diffusion_config = dict(timesteps=train_ddpm.DEFAULTS['timesteps'], beta_start=ddpm_solution.beta_start,
                             beta_end=ddpm_solution.beta_end)
-    return train_ddpm.build(model_config, diffusion_config, train_ddpm.LR, device)
+    return train_ddpm.build(model_config, diffusion_config, train_ddpm.DEFAULTS['lr'], device)
 
 
 def ddpm_step(device, amp):
     """The driver's DDPM step (train_ddpm.build / train_step): t and the noise drawn per step, as it trains."""
-    _, step_model, diffusion, optimizer = ddpm_parts(device)
+    parts = ddpm_parts(device)
     x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1
 
     def step():
-        t = diffusion.t_sample(BATCH, device)
+        t = parts.diffusion.t_sample(BATCH, device)
         noise = torch.randn_like(x)
-        train_ddpm.train_step(step_model, diffusion, optimizer, x, t, noise, amp)
+        train_ddpm.train_step(parts, x, t, noise, amp)
     return step
 
 
@@ -122,14 +122,14 @@ def ddpm_sample_step(device):
 
 
 def simsiam_settings():
-    return dict(arch='cifar_resnet18', pred_dim=train_simsiam.PRED_DIM, stop_grad=True, predictor='mlp',
-                dim=train_simsiam.DIM)
+    return dict(arch='cifar_resnet18', pred_dim=train_simsiam.DEFAULTS['pred_dim'], stop_grad=True, predictor='mlp',
+                dim=train_simsiam.DEFAULTS['dim'])
 
 
 def simsiam_step(device, amp, images):
     """The driver's SimSiam step (train_simsiam.build / train_step: the predictor's lr in its own group) on two
     views of a batch (views made once: the pipeline is timed on its own)."""
-    model, step_model, optimizer = train_simsiam.build(simsiam_settings(), train_simsiam.BASE_LR * BATCH / 256,
+    model, step_model, optimizer = train_simsiam.build(simsiam_settings(), train_simsiam.DEFAULTS['lr'] * BATCH / 256,
                                                        device)
     x1, x2 = SimSiamAugment().two_views(images[:BATCH].to(device))
     return lambda: train_simsiam.train_step(model, step_model, optimizer, x1, x2, amp), x1, x2
@@ -183,26 +183,26 @@ def lightly_step(device, x1, x2):
 
 # --------------------------------------------------------------------------------------------------------- main
 
-def bench(args):
-    device = pick_device(args.device)
-    amp = device.type == 'cuda' and torch.cuda.is_bf16_supported()   # what the drivers' --amp auto picks
-    torch.manual_seed(0)
-    rows = []   # (unit, value, unit of value, peer ratio text, peak memory MiB)
+class Table:
+    """The measured rows: (unit, value, unit of value, peer ratio text, peak memory MiB), echoed as they come."""
 
-    def add(name, value, unit, ratio='', memory=None):
-        rows.append((name, value, unit, ratio, memory))
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name, value, unit, ratio='', memory=None):
+        self.rows.append((name, value, unit, ratio, memory))
         print(f'  {name}: {value:,.2f} {unit} {ratio}', file=sys.stderr, flush=True)
 
-    print(f'bench on {device_description(device)}, torch {torch.__version__}, amp={amp}, '
-          f'{torch.get_num_threads()} threads', file=sys.stderr)
-    images = torch.randint(0, 256, (max(args.aug_batch, BATCH), 3, 32, 32), dtype=torch.uint8)
+    def print_markdown(self):
+        print('\n| unit | measured | peer ratio | peak memory (MiB) |\n|---|---|---|---|')
+        for name, value, unit, ratio, memory in self.rows:
+            mem = f'{memory:,.0f}' if memory is not None else ''
+            print(f'| {name} | {value:,.2f} {unit} | {ratio.strip("()")} | {mem} |')
 
-    # training steps (ours, and the peers interleaved with ours)
-    reset_peak(device)
-    step = vae_step(device, amp)
-    add('VAE train step, batch 64', BATCH / seconds_per_call(step, device, args.repeats), 'images/s',
-        memory=peak_memory(device))
 
+def bench_ddpm(args, device, amp, table):
+    """The DDPM train and sampling steps (against lucidrains' with --peers); returns the sampling step's seconds
+    and the model and schedule, reused by bench_sampling."""
     reset_peak(device)
     ours = ddpm_step(device, amp)
     ours_sample, model, diffusion = ddpm_sample_step(device)
@@ -211,64 +211,88 @@ def bench(args):
         t_ours, t_peer = interleaved([ours, peer_train], device, args.repeats)
         ratio = f'(project/lucidrains time: {t_ours / t_peer:.2f}; U-Net parameters '
         ratio += f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M vs {peer_params / 1e6:.1f} M)'
-        add('DDPM train step, batch 64', BATCH / t_ours, 'images/s', ratio, peak_memory(device))
+        table.add('DDPM train step, batch 64', BATCH / t_ours, 'images/s', ratio, peak_memory(device))
         s_ours, s_peer = interleaved([ours_sample, peer_sample], device, args.repeats)
-        add('DDPM sampling step, batch 16', 1 / s_ours, 'steps/s',
-            f'(project/lucidrains time: {s_ours / s_peer:.2f})')
+        table.add('DDPM sampling step, batch 16', 1 / s_ours, 'steps/s',
+                  f'(project/lucidrains time: {s_ours / s_peer:.2f})')
     else:
-        add('DDPM train step, batch 64', BATCH / seconds_per_call(ours, device, args.repeats), 'images/s',
-            memory=peak_memory(device))
+        table.add('DDPM train step, batch 64', BATCH / seconds_per_call(ours, device, args.repeats), 'images/s',
+                  memory=peak_memory(device))
         s_ours = seconds_per_call(ours_sample, device, args.repeats)
-        add('DDPM sampling step, batch 16', 1 / s_ours, 'steps/s')
+        table.add('DDPM sampling step, batch 16', 1 / s_ours, 'steps/s')
+    return s_ours, model, diffusion
 
+
+def bench_simsiam(args, device, amp, images, table):
     reset_peak(device)
     ours, x1, x2 = simsiam_step(device, amp, images)
     if args.peers:
         t_ours, t_peer = interleaved([ours, lightly_step(device, x1, x2)], device, args.repeats)
-        add('SimSiam train step, batch 64 (two views)', BATCH / t_ours, 'images/s',
-            f'(project/Lightly time: {t_ours / t_peer:.2f})', peak_memory(device))
+        table.add('SimSiam train step, batch 64 (two views)', BATCH / t_ours, 'images/s',
+                  f'(project/Lightly time: {t_ours / t_peer:.2f})', peak_memory(device))
     else:
-        add('SimSiam train step, batch 64 (two views)', BATCH / seconds_per_call(ours, device, args.repeats),
-            'images/s', memory=peak_memory(device))
+        table.add('SimSiam train step, batch 64 (two views)', BATCH / seconds_per_call(ours, device, args.repeats),
+                  'images/s', memory=peak_memory(device))
 
-    # DDPM-1000 vs DDIM-50 on a batch of 16: DDIM in full; DDPM-1000 is 1000 identical steps, timed in full with
-    # --full-sampling, else estimated from the median step above (stated in the table)
+
+@torch.no_grad()
+def bench_sampling(args, device, model, diffusion, step_seconds, table):
+    """DDPM-1000 vs DDIM-50 on a batch of 16: DDIM in full; DDPM-1000 is 1000 identical steps, timed in full with
+    --full-sampling, else estimated from the median step (stated in the table)."""
     model.eval()
     start = time.perf_counter()
-    with torch.no_grad():
-        diffusion.ddim_sample(model, (SAMPLE_BATCH, 3, 32, 32), steps=50)
+    diffusion.ddim_sample(model, (SAMPLE_BATCH, 3, 32, 32), steps=50)
     sync(device)
     ddim_seconds = time.perf_counter() - start
     if args.full_sampling:
         start = time.perf_counter()
-        with torch.no_grad():
-            diffusion.sample(model, (SAMPLE_BATCH, 3, 32, 32))
+        diffusion.sample(model, (SAMPLE_BATCH, 3, 32, 32))
         sync(device)
-        add('DDPM-1000 sampling, batch 16 (timed)', time.perf_counter() - start, 's')
+        table.add('DDPM-1000 sampling, batch 16 (timed)', time.perf_counter() - start, 's')
     else:
-        add('DDPM-1000 sampling, batch 16 (1000 x median step)', 1000 * s_ours, 's')
-    add('DDIM-50 sampling, batch 16 (timed)', ddim_seconds, 's')
+        table.add('DDPM-1000 sampling, batch 16 (1000 x median step)', 1000 * step_seconds, 's')
+    table.add('DDIM-50 sampling, batch 16 (timed)', ddim_seconds, 's')
 
-    # the SimSiam input pipeline
+
+def bench_pipelines(args, device, images, table):
+    """The SimSiam input pipeline: batched on the device against torchvision's per-image DataLoader; returns the
+    speed-up."""
     pipes = measure_pipelines(images, batch_size=args.aug_batch, workers=args.workers, repeats=args.aug_repeats,
                               device=str(device))
     batched, torchvision = pipes['pairs_per_s']['batched'], pipes['pairs_per_s']['torchvision']
-    add(f'SimSiam views, batched on {device.type} (batch {args.aug_batch})', batched, 'pairs/s')
-    add(f'SimSiam views, torchvision DataLoader ({args.workers} workers)', torchvision, 'pairs/s')
+    table.add(f'SimSiam views, batched on {device.type} (batch {args.aug_batch})', batched, 'pairs/s')
+    table.add(f'SimSiam views, torchvision DataLoader ({args.workers} workers)', torchvision, 'pairs/s')
     for name in ('kornia_resample', 'kornia_slice'):
         if pipes['pairs_per_s'].get(name):
-            add(f'SimSiam views, {name.replace("_", " ")} (for reference)', pipes['pairs_per_s'][name], 'pairs/s')
+            table.add(f'SimSiam views, {name.replace("_", " ")} (for reference)', pipes['pairs_per_s'][name],
+                      'pairs/s')
+    return batched / torchvision
 
-    print('\n| unit | measured | peer ratio | peak memory (MiB) |\n|---|---|---|---|')
-    for name, value, unit, ratio, memory in rows:
-        mem = f'{memory:,.0f}' if memory is not None else ''
-        print(f'| {name} | {value:,.2f} {unit} | {ratio.strip("()")} | {mem} |')
+
+def bench(args):
+    device = pick_device(args.device)
+    amp = device.type == 'cuda' and torch.cuda.is_bf16_supported()   # what the drivers' --amp auto picks
+    torch.manual_seed(0)
+    table = Table()
+    print(f'bench on {device_description(device)}, torch {torch.__version__}, amp={amp}, '
+          f'{torch.get_num_threads()} threads', file=sys.stderr)
+    images = torch.randint(0, 256, (max(args.aug_batch, BATCH), 3, 32, 32), dtype=torch.uint8)
+
+    reset_peak(device)   # training steps (ours, and the peers interleaved with ours)
+    step = vae_step(device, amp)
+    table.add('VAE train step, batch 64', BATCH / seconds_per_call(step, device, args.repeats), 'images/s',
+              memory=peak_memory(device))
+    step_seconds, model, diffusion = bench_ddpm(args, device, amp, table)
+    bench_simsiam(args, device, amp, images, table)
+    bench_sampling(args, device, model, diffusion, step_seconds, table)
+    speedup = bench_pipelines(args, device, images, table)
+
+    table.print_markdown()
     memory_kind = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'process peak RSS so far'
     print(f'\ndevice: {device_description(device)}; torch {torch.__version__}; {torch.get_num_threads()} threads; '
           f'amp={amp}; repeats={args.repeats}; memory: {memory_kind}')
-    speedup = batched / torchvision
     print(f'aug_speedup_vs_torchvision: {speedup:.2f}')
-    return dict(rows=rows, aug_speedup=speedup)
+    return dict(rows=table.rows, aug_speedup=speedup)
 
 
 def main(argv=None):

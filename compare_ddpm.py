@@ -11,18 +11,17 @@ minutes spent (studylib.compare.compare_recipes()), so that two recipes are comp
 Every problem with the inputs or the output folder is one line (exit status 2) before anything is written: a
 summary.json that is not one (naming the file and the key), an --out-dir that is one of the input runs, holds a
 finished run or a training run, cannot be written, or is in use by another process (it is locked while writing).
-The old spelling, python -m studylib.compare RUN... --out-dir D, still works: it forwards here.
 """
 import argparse
 
-from studylib.cli import HelpFormatter, run_tool
+from studylib.run import HelpFormatter, run_tool
 from studylib.compare import compare, compare_recipes
 
 COMMAND = 'python compare_ddpm.py'
 
 
-def build_parser(prog=COMMAND):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
     parser.add_argument('runs', nargs='+', help='train_ddpm.py run folders, one per T (or per recipe)')
     parser.add_argument('--by', choices=['T', 'recipe'], default='T',
                         help='T: the 2.3a trade-off against T; recipe: the runs\' digit FD against training minutes '
@@ -32,14 +31,10 @@ def build_parser(prog=COMMAND):
     return parser
 
 
-def main(argv=None, *, invoked_as=COMMAND):
-    """The comparison's metrics ({'T<steps>': {...}}); a user error exits 2 with one line.
-
-    `invoked_as` is the head of the command line as typed (the usage line, config.json's "command"); the
-    `python -m studylib.compare` forward passes its own."""
+def main(argv=None):
+    """The comparison's metrics ({'T<steps>': {...}}); a user error exits 2 with one line."""
     work = {'T': compare, 'recipe': compare_recipes}
-    return run_tool(build_parser, lambda args, command: work[args.by](args.runs, args.out_dir, command), argv,
-                    invoked_as)
+    return run_tool(build_parser(), lambda args, command: work[args.by](args.runs, args.out_dir, command), argv)
 
 
 if __name__ == '__main__':

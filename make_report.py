@@ -3,7 +3,7 @@
     python make_report.py plots/vae plots/ddpm plots/ddpm-recipes plots/ddpm-compare plots/ddpm-probe plots/simsiam \
         --out plots/report.pdf
 
-Reads only each run folder's summary.json (docs/api.md) and the written answers in
+Reads only each run folder's summary.json (docs/operations.md, "The run folder") and the written answers in
 report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
 summary's "model" (vae, ddpm, ddpm-recipes, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its
 "metrics" (a number picks a list's entry) and FORMAT is an optional Python format spec, so the text never drifts
@@ -26,9 +26,7 @@ import time
 import zlib
 
 from studylib import UserError
-from studylib.cli import HelpFormatter, user_errors
-from studylib.compare import load_run_summary
-from studylib.run import write_atomically
+from studylib.run import HelpFormatter, read_summary, user_errors, write_atomically
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ANSWERS = os.path.join(ROOT, 'report', 'answers.md')
@@ -73,7 +71,7 @@ def read_runs(run_dirs):
     """{model: (run folder, summary)}; of several DDPM runs the T=1000 one (the seed's) answers 2.2."""
     runs = {}
     for path in run_dirs:
-        summary = load_run_summary(path, 'pass finished run folders (train_*.py, studylib.compare, studylib.probe)')
+        summary = read_summary(path, hint='pass finished run folders (train_*.py, compare_ddpm.py, probe_ddpm.py)')
         key = summary['model']
         if key in runs:
             if key != 'ddpm':
@@ -421,18 +419,71 @@ def _table(rows, styles, frame_width, fractions=None):
     return table
 
 
-def build(runs, answers_text, out_path):
-    """Write the PDF (atomically: the previous one is kept if writing fails); returns the number of pages."""
-    from reportlab import rl_config
+def heading(text, style, level, styles):
+    """A heading paragraph that the document turns into a PDF bookmark at `level`."""
+    from reportlab.platypus import Paragraph
+    p = Paragraph(inline(text), styles[style])
+    p.outline_level, p.outline_title = level, text
+    return p
+
+
+def front_matter(runs, styles):
+    """The title, then one line per run read (and per run still missing, with the command that makes it)."""
+    from reportlab.platypus import Paragraph
+    story = [Paragraph('Generative and self-supervised models: the study', styles['title']),
+             Paragraph(inline(f'Built {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by '
+                              f'`python make_report.py` from these runs (their summary.json files):'), styles['body'])]
+    for key, (path, summary) in runs.items():
+        story.append(Paragraph(inline(f'**{key}**: {provenance_text(path, summary)}'), styles['bullet'],
+                               bulletText='•'))
+    for key in (k for k in HOW_TO_RUN if k not in runs):
+        story.append(Paragraph(inline(f'**{key}**: {MISSING}not run yet: {HOW_TO_RUN[key]}{MISSING}'),
+                               styles['bullet'], bulletText='•'))
+    story.append(Paragraph(inline('Numbers in the answers come from these summaries through placeholders, so they '
+                                  'always match the runs; red bracketed text marks a run or a number that does not '
+                                  'exist yet, with the command that makes it.'), styles['body']))
+    return story
+
+
+def measured_block(key, runs, styles, frame_width):
+    """A problem's run: where it comes from, at what scale, and its metric tables."""
+    from reportlab.platypus import Paragraph, Spacer
+    path, summary = runs[key]
+    return [Paragraph(inline(f'Measured: {RUN_TITLES[key]}'), styles['h3']),
+            Paragraph(inline(provenance_text(path, summary)), styles['caption']),
+            Paragraph(inline(scale_text(key, summary)), styles['caption']),
+            *metric_tables(summary['metrics'], styles, frame_width), Spacer(1, 6)]
+
+
+def question_block(qid, answers, runs, styles, frame_width, max_height):
+    """A question: its heading, its figures (or what is missing and the command that makes them), its answer."""
+    from reportlab.platypus import KeepTogether, Paragraph
+    title_text, body = answers.get(qid, ('', ''))
+    block = [heading(f'{qid} {title_text}'.strip(), 'h2', 1, styles)]
+    source = FIGURE_SOURCE.get(qid)
+    if source is not None:
+        if source not in runs:
+            block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not run yet: {HOW_TO_RUN[source]}'
+                                          f'{MISSING}'), styles['body']))
+        elif qid not in runs[source][1]['figures']:
+            block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not in {runs[source][0]}; make them '
+                                          f'with {HOW_TO_RUN[source]}{MISSING}'), styles['body']))
+        else:
+            block += figure_block(qid, *runs[source], styles, frame_width, max_height)
+    if body:
+        block += markdown(fill(body, runs), styles)
+    else:
+        block.append(Paragraph(inline(f'{MISSING}no written answer for {qid} in report/answers.md{MISSING}'),
+                               styles['body']))
+    return [KeepTogether(block[:2])] + block[2:]   # a heading never ends a page alone
+
+
+def render_pdf(story, out_path):
+    """Lay the story out on A4 with page footers and bookmarks; write it atomically. Returns the page count."""
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
-    from reportlab.platypus import KeepTogether, PageBreak, Paragraph, SimpleDocTemplate, Spacer
-    rl_config.useA85 = 0   # binary image streams: ASCII85 text encoding would add a quarter to every figure
-    fonts()
-    styles = make_styles()
-    answers, references = parse_answers(answers_text)
-    page_w, page_h = A4
-    frame_width, max_height = page_w - 4 * cm, page_h * 0.42
+    from reportlab.platypus import SimpleDocTemplate
+    page_w, _ = A4
 
     class Doc(SimpleDocTemplate):
         """Headings become PDF bookmarks, so a reader can jump to any question id."""
@@ -443,57 +494,6 @@ def build(runs, answers_text, out_path):
                 key = f'h{id(flowable)}'
                 self.canv.bookmarkPage(key)
                 self.canv.addOutlineEntry(flowable.outline_title, key, level=level, closed=False)
-
-    def heading(text, style, level):
-        p = Paragraph(inline(text), styles[style])
-        p.outline_level, p.outline_title = level, text
-        return p
-
-    story = [Paragraph('Generative and self-supervised models: the study', styles['title']),
-             Paragraph(inline(f'Built {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by '
-                              f'`python make_report.py` from these runs (their summary.json files):'), styles['body'])]
-    for key, (path, summary) in runs.items():
-        story.append(Paragraph(inline(f'**{key}**: {provenance_text(path, summary)}'), styles['bullet'],
-                               bulletText='•'))
-    missing = [k for k in HOW_TO_RUN if k not in runs]
-    for key in missing:
-        story.append(Paragraph(inline(f'**{key}**: {MISSING}not run yet: {HOW_TO_RUN[key]}{MISSING}'),
-                               styles['bullet'], bulletText='•'))
-    story.append(Paragraph(inline('Numbers in the answers come from these summaries through placeholders, so they '
-                                  'always match the runs; red bracketed text marks a run or a number that does not '
-                                  'exist yet, with the command that makes it.'), styles['body']))
-
-    for title, keys, qids in PROBLEMS:
-        story += [PageBreak(), heading(title, 'h1', 0)]
-        for key in keys:
-            if key in runs:
-                path, summary = runs[key]
-                story.append(Paragraph(inline(f'Measured: {RUN_TITLES[key]}'), styles['h3']))
-                story.append(Paragraph(inline(provenance_text(path, summary)), styles['caption']))
-                story.append(Paragraph(inline(scale_text(key, summary)), styles['caption']))
-                story += metric_tables(summary['metrics'], styles, frame_width)
-                story.append(Spacer(1, 6))
-        for qid in qids:
-            title_text, body = answers.get(qid, ('', ''))
-            block = [heading(f'{qid} {title_text}'.strip(), 'h2', 1)]
-            source = FIGURE_SOURCE.get(qid)
-            if source is not None:
-                if source not in runs:
-                    block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not run yet: {HOW_TO_RUN[source]}'
-                                                  f'{MISSING}'), styles['body']))
-                elif qid not in runs[source][1]['figures']:
-                    block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not in {runs[source][0]}; make them '
-                                                  f'with {HOW_TO_RUN[source]}{MISSING}'), styles['body']))
-                else:
-                    block += figure_block(qid, *runs[source], styles, frame_width, max_height)
-            if body:
-                block += markdown(fill(body, runs), styles)
-            else:
-                block.append(Paragraph(inline(f'{MISSING}no written answer for {qid} in report/answers.md{MISSING}'),
-                                       styles['body']))
-            story += [KeepTogether(block[:2])] + block[2:]   # a heading never ends a page alone
-    if references:
-        story += [PageBreak(), heading('References', 'h1', 0)] + markdown(references, styles)
 
     def footer(canvas, doc):
         canvas.saveState()
@@ -509,6 +509,31 @@ def build(runs, answers_text, out_path):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     write_atomically(out_path, pdf.getvalue(), fix='free space or choose another --out')
     return doc.page
+
+
+def build(runs, answers_text, out_path):
+    """Write the PDF (atomically: the previous one is kept if writing fails); returns the number of pages."""
+    from reportlab import rl_config
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import cm
+    from reportlab.platypus import PageBreak
+    rl_config.useA85 = 0   # binary image streams: ASCII85 text encoding would add a quarter to every figure
+    fonts()
+    styles = make_styles()
+    answers, references = parse_answers(answers_text)
+    page_w, page_h = A4
+    frame_width, max_height = page_w - 4 * cm, page_h * 0.42
+
+    story = front_matter(runs, styles)
+    for title, keys, qids in PROBLEMS:
+        story += [PageBreak(), heading(title, 'h1', 0, styles)]
+        for key in (k for k in keys if k in runs):
+            story += measured_block(key, runs, styles, frame_width)
+        for qid in qids:
+            story += question_block(qid, answers, runs, styles, frame_width, max_height)
+    if references:
+        story += [PageBreak(), heading('References', 'h1', 0, styles)] + markdown(references, styles)
+    return render_pdf(story, out_path)
 
 
 def main(argv=None):

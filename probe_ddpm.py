@@ -9,18 +9,17 @@ accuracy (studylib.probe, whose docstring has the details). The figure has id 2.
 
 --out-dir must be a new folder: one of the two input runs, a finished run or a training run is refused (one line,
 exit status 2) before anything is read or written, and the folder is locked while the probe writes into it.
-The old spelling, python -m studylib.probe --ddpm RUN --vae RUN --out-dir D, still works: it forwards here.
 """
 import argparse
 
-from studylib.cli import HelpFormatter, positive_int, run_tool, seed_int
+from studylib.run import HelpFormatter, positive_int, run_tool, seed_int
 from studylib.probe import parse_t_list, probe
 
 COMMAND = 'python probe_ddpm.py'
 
 
-def build_parser(prog=COMMAND):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
     parser.add_argument('--ddpm', required=True, metavar='RUN_DIR', help='a finished train_ddpm.py run folder')
     parser.add_argument('--vae', required=True, metavar='RUN_DIR', help='a finished train_vae.py run folder')
     parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN .mat files')
@@ -36,12 +35,9 @@ def build_parser(prog=COMMAND):
     return parser
 
 
-def main(argv=None, *, invoked_as=COMMAND):
-    """The probe's metrics (accuracy per source and t, ...); a user error exits 2 with one line.
-
-    `invoked_as` is the head of the command line as typed (the usage line, config.json's "command"); the
-    `python -m studylib.probe` forward passes its own."""
-    return run_tool(build_parser, probe, argv, invoked_as)
+def main(argv=None):
+    """The probe's metrics (accuracy per source and t, ...); a user error exits 2 with one line."""
+    return run_tool(build_parser(), probe, argv)
 
 
 if __name__ == '__main__':

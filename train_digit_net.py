@@ -6,21 +6,20 @@
 The net is trained on the whole SVHN training split of --data-dir, tested on the whole test split and cached in
 the cache folder ($STUDYLIB_CACHE, else $XDG_CACHE_HOME/studylib or ~/.cache/studylib), one file per training file
 content; nothing is written into the data folder. With a cached net already there, it is only reported. train_ddpm.py
-loads the cached net (or trains it) by itself; this command trains it ahead of time. The old spelling,
-python -m studylib.digit_net --data-dir D, still works: it forwards here.
+loads the cached net (or trains it) by itself; this command trains it ahead of time.
 """
 import argparse
 import os
 
-from studylib.cli import HelpFormatter, positive_int, user_errors
+from studylib.run import HelpFormatter, positive_int, user_errors
 from studylib.digit_net import BATCH_SIZE, EPOCHS, default_path, load_digit_net, train_and_save
 from studylib.run import pick_device
 
 COMMAND = 'python train_digit_net.py'
 
 
-def build_parser(prog=COMMAND):
-    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+def build_parser():
+    parser = argparse.ArgumentParser(prog=COMMAND, formatter_class=HelpFormatter,
                                      description='Train the digit classifier behind digit_quality() and cache it '
                                                  'in the cache folder ($STUDYLIB_CACHE or ~/.cache/studylib).')
     parser.add_argument('--data-dir', default='./data', help='folder holding the SVHN files (read only)')
@@ -34,12 +33,9 @@ def build_parser(prog=COMMAND):
     return parser
 
 
-def main(argv=None, *, invoked_as=COMMAND):
-    """The cached net's info (test_accuracy, num_train, num_test, epochs, ...); a user error exits 2 with one line.
-
-    `invoked_as` is the head of the command line as typed (the usage line); the `python -m studylib.digit_net`
-    forward passes its own."""
-    args = build_parser(invoked_as).parse_args(argv)
+def main(argv=None):
+    """The cached net's info (test_accuracy, num_train, num_test, epochs, ...); a user error exits 2 with one line."""
+    args = build_parser().parse_args(argv)
     with user_errors():
         device = pick_device(args.device)
         path = default_path(args.data_dir)

@@ -210,7 +210,6 @@ def main(argv=None):
     t = time.monotonic()
     make_data(data, dry)
     check.record('datasets in the standard layouts (random pixels)', 'pass', time.monotonic() - t)
-    k = 1 if dry else 0
     common = ['--data-dir', data, '--no-download', '--device', device]
 
     # 1. CUDA-only tests
@@ -224,13 +223,39 @@ def main(argv=None):
     check.run("notebook DDPM loop: t_sample, p_losses(model, x on the device, t), sample()",
               [sys.executable, os.path.abspath(__file__), '--step', 'notebook', device], 180 if dry else 60)
 
-    # 3. each driver with a GPU user's defaults
+    rates = check_drivers(check, common, runs, dry)            # 3. each driver with a GPU user's defaults
+    check_compile(check, common, runs, dry)                    # 4. --compile
+    check_resume(check, common, runs, dry)                     # 5. torchrun, SIGKILL, --resume
+    if dry:                                                    # 6. bench.py
+        check.skip('bench.py --device cuda', 'no CUDA device')
+    else:
+        left = max(30, int(BUDGET_SECONDS - check.elapsed()))
+        ok, out = check.run('bench.py --device cuda --repeats 3', [sys.executable, 'bench.py', '--device', 'cuda',
+                                                                    '--repeats', '3', '--workers', '4'], left)
+        if ok:
+            rates['bench'] = out.strip().splitlines()[-40:]
+
+    write_report(args.out, check, gpu, torch.__version__, rates, dry)
+    failed = [r for r in check.rows if r['status'].startswith('FAIL')]
+    print(f'gpu_check: {len(check.rows) - len(failed)} of {len(check.rows)} steps passed or skipped, '
+          f'{check.elapsed():.0f} s; table: {args.out}', flush=True)
+    return 1 if failed else 0
+
+
+def vae_args(common, dry):
+    k = 1 if dry else 0
+    return common + ['--epochs', '2', '--limit-test', str(SIZES['svhn_test'][k]), '--ll-k', '10',
+                     '--profile-per-class', '10']
+
+
+def check_drivers(check, common, runs, dry):
+    """Each driver with a GPU user's defaults (toy sizes in a dry run); returns their measured rates."""
+    k = 1 if dry else 0
     rates = {}
     n_svhn, n_cifar = SIZES['svhn_train'][k], SIZES['cifar_train'][k]
-    vae_args = common + ['--epochs', '2', '--limit-test', str(SIZES['svhn_test'][k]), '--ll-k', '10',
-                         '--profile-per-class', '10']
     ok, _ = check.run('train_vae.py, GPU defaults (--amp auto, channels_last, fused Adam)',
-                      [sys.executable, 'train_vae.py', *vae_args, '--out-dir', os.path.join(runs, 'vae')], 240)
+                      [sys.executable, 'train_vae.py', *vae_args(common, dry), '--out-dir', os.path.join(runs, 'vae')],
+                      240)
     if ok:
         rates['vae'] = epoch_rate(os.path.join(runs, 'vae'), n_svhn)[0]
     ddpm_args = common + ['--epochs', '2', '--sample-every', '2']
@@ -250,16 +275,21 @@ def main(argv=None):
                       [sys.executable, 'train_simsiam.py', *ss_args, '--out-dir', os.path.join(runs, 'simsiam')], 240)
     if ok:
         rates['simsiam'] = epoch_rate(os.path.join(runs, 'simsiam'), n_cifar - n_cifar % (32 if dry else 512))[0]
+    return rates
 
-    # 4. --compile
+
+def check_compile(check, common, runs, dry):
     if dry:
         check.skip('train_vae.py --compile', 'dry run: compilation takes minutes on a CPU (tests/test_speed_paths.py '
                    'compiles each driver there)')
     else:
-        ok, _ = check.run('train_vae.py --compile', [sys.executable, 'train_vae.py', *vae_args, '--epochs', '1',
-                                                     '--compile', '--out-dir', os.path.join(runs, 'vae-compile')], 240)
+        check.run('train_vae.py --compile', [sys.executable, 'train_vae.py', *vae_args(common, dry), '--epochs', '1',
+                                             '--compile', '--out-dir', os.path.join(runs, 'vae-compile')], 240)
 
-    # 5. torchrun, SIGKILL, --resume: the same weights as the straight run
+
+def check_resume(check, common, runs, dry):
+    """torchrun, a SIGKILL in epoch 2 and --resume: the resumed weights are the straight run's (to a drift bound
+    where the GPU's kernels are not deterministic)."""
     backend = 'gloo' if dry else 'nccl'
     env_det = dict(check.env, STUDYLIB_DETERMINISTIC='1')
     n_resume = 1024 if not dry else 256
@@ -286,23 +316,7 @@ def main(argv=None):
             status = 'pass' if same or (diff is not None and diff <= bound) else 'FAIL'
             check.record('resumed weights vs straight run', status, 0.0,
                          'bitwise equal' if same else f'max |diff| {diff:.3g} (bound 2*lr*steps = {bound:.3g})')
-    check.env = {k_: v for k_, v in env_det.items() if k_ != 'STUDYLIB_DETERMINISTIC'}
-
-    # 6. bench.py
-    if dry:
-        check.skip('bench.py --device cuda', 'no CUDA device')
-    else:
-        left = max(30, int(BUDGET_SECONDS - check.elapsed()))
-        ok, out = check.run('bench.py --device cuda --repeats 3', [sys.executable, 'bench.py', '--device', 'cuda',
-                                                                    '--repeats', '3', '--workers', '4'], left)
-        if ok:
-            rates['bench'] = out.strip().splitlines()[-40:]
-
-    write_report(args.out, check, gpu, torch.__version__, rates, dry)
-    failed = [r for r in check.rows if r['status'].startswith('FAIL')]
-    print(f'gpu_check: {len(check.rows) - len(failed)} of {len(check.rows)} steps passed or skipped, '
-          f'{check.elapsed():.0f} s; table: {args.out}', flush=True)
-    return 1 if failed else 0
+    check.env = {key: v for key, v in env_det.items() if key != 'STUDYLIB_DETERMINISTIC'}
 
 
 def write_report(path, check, gpu, torch_version, rates, dry):
