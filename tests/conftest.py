@@ -155,3 +155,16 @@ def read_only_cache(monkeypatch):
             raise OSError(errno.EROFS, 'Read-only file system', str(f))
         return real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, 'save', save)
+
+
+def snapshot(*paths):
+    """{file path: bytes} of every file under the paths (a missing path: nothing), for byte-identity checks."""
+    files = {}
+    for top in paths:
+        if os.path.isfile(top):
+            files[top] = open(top, 'rb').read()
+        for root, _, names in os.walk(top):
+            for name in names:
+                path = os.path.join(root, name)
+                files[path] = open(path, 'rb').read()
+    return files

@@ -1,4 +1,4 @@
-"""studylib.augment against torchvision's per-image pipeline (train_simsiam.make_augmentation, the independent
+"""studylib.augment against torchvision's per-image pipeline (torchvision_pipeline, the independent
 oracle): exact comparisons of the batched kernels with torchvision's functional ops, and comparisons of the
 distributions of what the random pipeline outputs (crop geometry decoded from a coordinate-encoding image, flip,
 jitter and grayscale rates, factor ranges) with torchvision's. Every statistical test runs on a fixed seed and
@@ -47,7 +47,6 @@ def hard_images(n, generator):
 def test_reference_is_the_training_pipeline():
     """The oracle here and in the benchmarks is exactly what train_simsiam trains with, for both recipes."""
     assert (CIFAR_MEAN, CIFAR_STD) == (train_simsiam.MEAN, train_simsiam.STD)
-    assert train_simsiam.make_augmentation is torchvision_pipeline   # --loader torchvision trains with it
     assert repr(torchvision_pipeline((0.2, 1.0))).count('RandomResizedCrop(size=(32, 32), scale=(0.2, 1.0)') == 1
 
 
@@ -72,7 +71,7 @@ def test_crop_kernel_is_torchvisions_resized_crop(height, width, size):
     x = torch.rand(n, 3, height, width, generator=g)
     top, left, h, w = random_boxes(n, height, width, g)
     flip = torch.rand(n, generator=g) < 0.5
-    out = resized_crop(x, top, left, h, w, size, flip)
+    out = resized_crop(x, top, left, h, w, size, flip=flip)
     ref, corner = [], []
     for i in range(n):
         box = (int(top[i]), int(left[i]), int(h[i]), int(w[i]))
@@ -230,7 +229,7 @@ def crop_stats(w, h, left, top):
 
 def torchvision_crops(scale, n):
     """n crops + flips by the training pipeline's own RandomResizedCrop and RandomHorizontalFlip."""
-    crop_and_flip = train_simsiam.make_augmentation(scale).transforms[:2]
+    crop_and_flip = torchvision_pipeline(scale).transforms[:2]
     image = coordinate_image()
     views = torch.stack([crop_and_flip[1](crop_and_flip[0](image)) for _ in range(n)])
     return decode_crops(views.double())
@@ -327,7 +326,7 @@ def test_whole_pipeline_distribution_matches_torchvision():
     image = torch.stack([xx, yy, 0.5 + 0.5 * torch.sin(6 * xx + 4 * yy)]).mul(255).round().to(torch.uint8)
     ours = SimSiamAugment()(image.expand(n, 3, 32, 32), torch.Generator().manual_seed(50))
     torch.manual_seed(51)
-    reference = train_simsiam.make_augmentation((0.2, 1.0))
+    reference = torchvision_pipeline((0.2, 1.0))
     theirs = torch.stack([reference(image.float() / 255) for _ in range(n)])
     for stat in (lambda v: v.mean(dim=(2, 3)), lambda v: v.std(dim=(2, 3))):
         a, b = stat(ours), stat(theirs)

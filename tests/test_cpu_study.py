@@ -109,8 +109,9 @@ def test_initial_monitors_change_neither_the_model_nor_the_random_stream():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     run = _Run()
-    train_simsiam.initial_monitors(args, run, model, 'baseline', {'dim': 32}, SimSiamAugment(crop_scale=(0.2, 1)),
-                                   (train_x, train_y, train_x[:20], train_y[:20]))
+    member = train_simsiam.Member(args, 'baseline', {'dim': 32}, run, model,
+                                  (train_x, train_y, train_x[:20], train_y[:20]))
+    train_simsiam.initial_monitors(member, SimSiamAugment(crop_scale=(0.2, 1)))
     assert torch.equal(torch.get_rng_state(), rng)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # batch-norm statistics included

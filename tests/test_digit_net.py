@@ -242,19 +242,16 @@ def test_cli_reports_cache_refuses_corrupt_one_and_force_retrains(tiny_svhn, cap
     assert 'already holds a digit net' in capsys.readouterr().out
 
 
-def test_the_old_module_command_forwards_to_train_digit_net():
-    """`python train_digit_net.py --help` and the old spelling `python -m studylib.digit_net --help` both exit 0
-    and document the same flags with the same help; only the usage line names the command as typed."""
-    helps = {}
-    for command in (['train_digit_net.py'], ['-m', 'studylib.digit_net']):
-        result = subprocess.run([sys.executable, *command, '--help'], cwd=ROOT, capture_output=True, text=True,
-                                timeout=120, env=dict(os.environ, COLUMNS='120'))
-        assert result.returncode == 0, result.stderr
-        usage, _, helps[command[-1]] = result.stdout.partition('\n\n')
-        assert usage.startswith(f'usage: python {" ".join(command)} ')
-    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', helps['train_digit_net.py']))
+def test_train_digit_net_is_the_one_command_line():
+    """`python train_digit_net.py --help` exits 0 and documents every flag; studylib.digit_net has no command line
+    of its own (the old `python -m studylib.digit_net` spelling was removed: one entry point per command)."""
+    result = subprocess.run([sys.executable, 'train_digit_net.py', '--help'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, COLUMNS='120'))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('usage: python train_digit_net.py ')
+    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', result.stdout))
     assert {'--data-dir', '--epochs', '--batch-size', '--device', '--no-download', '--force'} <= flags
-    assert helps['train_digit_net.py'] == helps['studylib.digit_net']
+    assert not hasattr(dn, 'main')
 
 
 def test_cache_lives_outside_the_data_folder_and_an_unwritable_one_is_not_fatal(tiny_svhn, monkeypatch, capsys,

@@ -60,7 +60,7 @@ def test_ddpm_two_processes_match_one(data_dir, tmp_path):
 
 def test_simsiam_two_processes_match_one_with_the_knn_bank_gathered(data_dir, tmp_path):
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '64',
-            '--limit-test', '32', '--batch-size', '16', '--workers', '0', '--knn-k', '10', '--dim', '64',
+            '--limit-test', '32', '--batch-size', '16', '--knn-k', '10', '--dim', '64',
             '--pred-dim', '16']
     one = _run('train_simsiam.py', args, tmp_path / 'one', 1)
     two = _run('train_simsiam.py', args, tmp_path / 'two', 2)
@@ -84,7 +84,7 @@ def test_cpu_sync_batchnorm_is_batchnorm_on_one_rank(tmp_path):
     """On a single-rank gloo group the all-reduced statistics are the batch's own: outputs, gradients and running
     statistics equal nn.BatchNorm2d's (the multi-rank agreement is the driver tests above)."""
     import torch.distributed as dist
-    from studylib.dist import CPUSyncBatchNorm
+    from studylib.trainer import CPUSyncBatchNorm
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
     try:
         torch.manual_seed(0)

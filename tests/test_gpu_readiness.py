@@ -162,8 +162,8 @@ def test_a_last_batch_smaller_than_the_world_is_skipped(data_dir, tmp_path, scri
 
 
 def test_epoch_loop_drops_only_a_too_small_last_batch_under_run():
-    from studylib.dist import Ranks
-    from studylib.loop import EpochLoop
+    from studylib.trainer import Ranks
+    from studylib.trainer import EpochLoop
     g = torch.Generator().manual_seed(0)
     two = Ranks(rank=0, world=2)
     assert EpochLoop(1, 33, 16, g, 'cpu', num_sums=1, ranks=two).images == 32

@@ -9,6 +9,7 @@ features) so that it gets past loading the models.
 import builtins
 import errno
 import fcntl
+import importlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import make_report
 import probe_ddpm
 import vae_solution
 from studylib.run import save_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, snapshot
 
 # What compare reads of a train_ddpm.py summary (and a few more of its metrics, as a real one holds).
 DDPM_METRICS = {
@@ -77,19 +78,6 @@ def fake_ddpm_run(folder, timesteps=1000, **metrics):
     """A finished train_ddpm.py run folder as compare and make_report read it (no checkpoint)."""
     return write_run(folder, ddpm_summary(timesteps=timesteps, **metrics),
                      [n for names in DDPM_FIGURES.values() for n in names])
-
-
-def snapshot(*paths):
-    """{file path: bytes} of every file under the paths (a missing path: nothing), for byte-identity checks."""
-    files = {}
-    for top in paths:
-        if os.path.isfile(top):
-            files[top] = open(top, 'rb').read()
-        for root, _, names in os.walk(top):
-            for name in names:
-                path = os.path.join(root, name)
-                files[path] = open(path, 'rb').read()
-    return files
 
 
 def one_line_error(capsys, tool, argv):
@@ -174,15 +162,13 @@ def ddpm_pair(tmp_path):
 
 @pytest.mark.parametrize('script, module', [('compare_ddpm.py', 'studylib.compare'),
                                             ('probe_ddpm.py', 'studylib.probe')])
-def test_the_old_module_command_forwards_to_the_script(script, module):
-    """`python SCRIPT --help` and the old spelling `python -m MODULE --help` both exit 0 and document the same flags
-    with the same help; only the usage line names the command as typed."""
-    (new_rc, new_usage, new_help), (old_rc, old_usage, old_help) = help_of(script), help_of('-m', module)
-    assert new_rc == 0 and old_rc == 0
-    assert new_usage.startswith(f'usage: python {script} ') and old_usage.startswith(f'usage: python -m {module} ')
-    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', new_help))
-    assert {'--out-dir', '--help'} <= flags and flags == set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', old_help))
-    assert new_help == old_help
+def test_each_tool_has_one_command_line(script, module):
+    """`python SCRIPT --help` exits 0 and documents --out-dir; the library module behind it has no command line
+    of its own (the old `python -m MODULE` spelling was removed: one entry point per command)."""
+    rc, usage, text = help_of(script)
+    assert rc == 0 and usage.startswith(f'usage: python {script} ')
+    assert {'--out-dir', '--help'} <= set(re.findall(r'(?<![\w-])--[a-z][a-z-]*', text))
+    assert not hasattr(importlib.import_module(module), 'main')
 
 
 @pytest.mark.parametrize('spelling', ['same', 'trailing-slash', 'dot-dot', 'symlink'])

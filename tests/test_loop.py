@@ -1,11 +1,11 @@
-"""studylib.loop.EpochLoop: exact mid-epoch resume, non-finite losses, interrupts between steps."""
+"""studylib.trainer.EpochLoop: exact mid-epoch resume, non-finite losses, interrupts between steps."""
 import os
 import signal
 
 import pytest
 import torch
 
-from studylib.loop import EpochLoop, Interrupted, NonFiniteLoss, resume_point
+from studylib.trainer import EpochLoop, Interrupted, NonFiniteLoss, resume_point
 
 
 def _run(loop, losses=None):

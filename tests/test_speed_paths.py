@@ -1,5 +1,5 @@
 """Every speed path a GPU user's defaults take, run on the CPU: bf16 autocast (--amp on), channels_last and fused
-optimisers (forced with STUDYLIB_SPEED_PATHS=all, studylib.speed) and torch.compile (--compile), for each driver.
+optimisers (forced with STUDYLIB_SPEED_PATHS=all, studylib.trainer) and torch.compile (--compile), for each driver.
 
 CPU bf16 exercises the code path, not CUDA's numerics; what is left unexecuted here is the CUDA kernels themselves
 (scripts/gpu_check.py runs those). Each run must end with finite losses and a checkpoint whose weights carry plain

@@ -180,7 +180,7 @@ def test_run_dir_refuses_to_clobber_and_resumes(tmp_path):
     model, optimizer = _tiny_state()
     run.save_checkpoint(model_name='toy', model_config={'d': 3}, model=model, optimizer=optimizer, epoch=2)
     before = open(run.checkpoint_path, 'rb').read()
-    with pytest.raises(UserError, match='already holds a run'):
+    with pytest.raises(UserError, match='holds an unfinished run'):
         run.start(config, resume=False)
     with pytest.raises(UserError, match='holds a toy with config'):
         run.start({'model': 'toy', 'model_config': {'d': 4}}, resume=True)
@@ -196,7 +196,7 @@ def test_run_dir_refuses_to_clobber_and_resumes(tmp_path):
 
 
 def test_psnr_against_its_definition():
-    from studylib.quality import psnr
+    from train_ddpm import psnr
     a = torch.zeros(3, 3, 4, 4)
     assert torch.allclose(psnr(a, a + 0.5), torch.full((3,), 10 * math.log10(4 / 0.25)))
     # values outside [-1, 1] are judged as displayed: clamped, so 5.0 counts as 1.0 (MSE 1 against 0)
@@ -205,7 +205,7 @@ def test_psnr_against_its_definition():
 
 
 def test_amp_is_bf16_autocast_only_where_asked():
-    from studylib.speed import autocast, prepare_model, use_amp
+    from studylib.trainer import autocast, prepare_model, use_amp
     cpu = torch.device('cpu')
     assert use_amp('auto', cpu) is False       # bf16 is emulated, slower, on most CPUs
     assert use_amp('on', cpu) is True

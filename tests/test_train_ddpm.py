@@ -1,4 +1,4 @@
-"""train_ddpm.py and studylib.compare end to end on real SVHN files from DATA_DIR (tiny T and sizes)."""
+"""train_ddpm.py, compare_ddpm.py and probe_ddpm.py end to end on real SVHN files from DATA_DIR (tiny T and sizes)."""
 import json
 import os
 import subprocess
@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+import compare_ddpm
 import ddpm_solution
+import probe_ddpm
 import train_ddpm
 import train_vae
-from studylib import compare
 from tests.conftest import ROOT
 
 TINY = ['--limit-train', '32', '--limit-test', '16', '--batch-size', '16', '--num-samples', '4',
@@ -77,7 +78,7 @@ def test_vae_run_keeps_its_final_samples(vae_run):
 def test_compare_by_recipe_plots_digit_fd_against_training_minutes(ddpm_runs, tmp_path):
     root, t10, t20 = ddpm_runs
     out = tmp_path / 'recipes'
-    metrics = compare.main(['--by', 'recipe', str(root / 'T10'), str(root / 'T20'), '--out-dir', str(out)])
+    metrics = compare_ddpm.main(['--by', 'recipe', str(root / 'T10'), str(root / 'T20'), '--out-dir', str(out)])
     rows = [json.loads(line) for line in open(root / 'T10' / 'metrics.jsonl')]
     curve = metrics['T10']
     assert curve['digit_fd'] == [r['digit_fd'] for r in rows]
@@ -94,7 +95,7 @@ def test_compare_by_recipe_plots_digit_fd_against_training_minutes(ddpm_runs, tm
 
 def test_compare_writes_the_2_3a_figure_and_table(ddpm_runs, tmp_path):
     root, t10, t20 = ddpm_runs
-    metrics = compare.main([str(root / 'T20'), str(root / 'T10'), '--out-dir', str(tmp_path / 'cmp')])
+    metrics = compare_ddpm.main([str(root / 'T20'), str(root / 'T10'), '--out-dir', str(tmp_path / 'cmp')])
     assert list(metrics) == ['T10', 'T20']
     assert metrics['T20']['sample_seconds'] == t20['sample_seconds']
     summary = json.load(open(tmp_path / 'cmp' / 'summary.json'))
@@ -112,7 +113,7 @@ def test_compare_writes_the_2_3a_figure_and_table(ddpm_runs, tmp_path):
 
 def test_compare_refuses_a_vae_run(vae_run, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        compare.main([str(vae_run), '--out-dir', str(tmp_path / 'cmp')])
+        compare_ddpm.main([str(vae_run), '--out-dir', str(tmp_path / 'cmp')])
     assert exc.value.code == 2
 
 
@@ -187,20 +188,19 @@ def test_t_prime_sweep_restores_each_image_from_its_own_t_prime():
 
 
 def test_probe_writes_2_3b_from_the_two_run_folders(ddpm_runs, vae_run, data_dir, tmp_path):
-    from studylib import probe
     root, _, _ = ddpm_runs
     args = ['--ddpm', str(root / 'T20'), '--vae', str(vae_run), '--data-dir', data_dir, '--no-download',
             '--device', 'cpu', '--limit-train', '60', '--limit-test', '30', '--out-dir', str(tmp_path / 'probe')]
-    metrics = probe.main(args + ['--t', '0,19'])
+    metrics = probe_ddpm.main(args + ['--t', '0,19'])
     summary = json.load(open(tmp_path / 'probe' / 'summary.json'))
     assert summary['model'] == 'ddpm-probe' and summary['figures'] == {'2.3b': ['2.3b_feature_probe.png']}
-    assert summary['run']['command'].startswith('python -m studylib.probe --ddpm')
+    assert summary['run']['command'].startswith('python probe_ddpm.py --ddpm')
     assert metrics['t'] == [0, 19] and sorted(metrics['accuracy']) == ['pixels', 'unet', 'vae']
     assert all(0 <= metrics['accuracy'][s][f't{t}'] <= 100 for s in metrics['accuracy'] for t in (0, 19))
     with Image.open(tmp_path / 'probe' / '2.3b_feature_probe.png') as im:
         im.verify()
     with pytest.raises(SystemExit) as exc:   # T=20 has steps 0..19
-        probe.main(args + ['--t', '20'])
+        probe_ddpm.main(args + ['--t', '20'])
     assert exc.value.code == 2
 
 
@@ -262,3 +262,25 @@ def test_clip_denoised_sampler_option(tiny_svhn, tmp_path):
                                '--timesteps', '60', '--t-primes', '5,10', '--limit-test', '16', '--clip-denoised'])
     assert metrics['clip_denoised'] is True and 'x0 clipped' in metrics['sampler']
     assert set(metrics['samplers']) == {'ddpm_60', 'ddim_50'}
+
+
+def test_a_recipe_run_records_what_ran(data_dir, tmp_path):
+    """--recipe cpu with one flag overridden: config.json's args are the values the run used (the recipe's batch,
+    sampler and clipping, the explicit --lr), the optimizer in the checkpoint has that lr, the metrics name the
+    recipe's sampler, and the fixed hyperparameters are recorded under "constants"."""
+    out = tmp_path / 'cpu'
+    metrics = train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(out), '--recipe', 'cpu', '--lr', '5e-4',
+                               '--timesteps', '10', '--sample-steps', '3', '--t-primes', '0,5',
+                               '--limit-train', '48', '--limit-test', '16', '--num-samples', '2',
+                               '--no-download', '--device', 'cpu', '--epochs', '1'])
+    config = json.load(open(out / 'config.json'))
+    ran = {k: config['args'][k] for k in ('recipe', 'batch_size', 'lr', 'sampler', 'clip_denoised', 'ema_decay')}
+    assert ran == dict(recipe='cpu', batch_size=16, lr=5e-4, sampler='ddim', clip_denoised=True, ema_decay=0.995)
+    assert config['constants'] == dict(sweep_images=train_ddpm.SWEEP_IMAGES,
+                                       quality_reference=train_ddpm.QUALITY_REFERENCE)
+    assert 'hyperparameters' not in config
+    ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert [g['lr'] for g in ckpt['optimizer']['param_groups']] == [5e-4]
+    assert int(ckpt['extra']['ema']['n_averaged']) == 3              # 48 images / the recipe's batch 16
+    assert metrics['sampler'].startswith('DDIM, 3 steps') and 'x0 clipped' in metrics['sampler']
+    assert not (out / '.lock').exists()
