@@ -377,12 +377,12 @@ def quality_line(scores):
 
 def save_final_samples(study, samples, epoch, quality):
     """2.2d: the final DDPM samples, beside the VAE's when a VAE is given, each titled with its measured quality."""
-    run, sampler, n_reference = study.run.folder, study.sampler, len(study.reference)
+    folder, sampler, n_reference = study.run.folder, study.sampler, len(study.reference)
     n = len(samples)
     calibration = (f'digit FD: Frechet distance of DigitNet features to {n_reference} test images (lower is better); '
                    f'for calibration, {n} training images score {quality_line(quality.reference)}.')
     if quality.vae is None:
-        return save_image_grid(samples, run.file('2.2d_final_samples.png'),
+        return save_image_grid(samples, folder.file('2.2d_final_samples.png'),
                                f'{n} DDPM samples after {epoch} epochs ({sampler})\n'
                                f'{quality_line(quality.ddpm)}\n{calibration}')
     plt = pyplot()
@@ -397,7 +397,7 @@ def save_final_samples(study, samples, epoch, quality):
     fig.suptitle(f'{n} samples from each model, trained on the same SVHN images', fontsize=11)
     fig.text(0.5, 0.02, calibration, ha='center', fontsize=8.5)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))   # room for the suptitle above the panel titles
-    path = run.file('2.2d_ddpm_vs_vae.png')
+    path = folder.file('2.2d_ddpm_vs_vae.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

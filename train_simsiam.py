@@ -215,20 +215,20 @@ def train_step(model, step_model, optimizer, x1, x2, amp):
     return loss, z1
 
 
-def finished_metrics(args, run, name):
+def finished_metrics(args, folder, name):
     """The metrics of a configuration that --resume finds finished (its summary is enough), else None."""
-    summary = read_summary(run.path) if args.resume else None
+    summary = read_summary(folder.path) if args.resume else None
     if summary is None:
         return None
     if summary.get('model') != 'simsiam' or 'epochs' not in summary['metrics']:
-        raise UserError(f'--resume: {run.path} holds a {summary.get("model")} run, not a SimSiam '
+        raise UserError(f'--resume: {folder.path} holds a {summary.get("model")} run, not a SimSiam '
                         f'configuration; point --out-dir at a train_simsiam.py run')
-    run.check_same_flags(vars(args), RESUMABLE)   # a finished configuration of other flags is not this one
+    folder.check_same_flags(vars(args), RESUMABLE)   # a finished configuration of other flags is not this one
     if summary['metrics']['epochs'] >= args.epochs:
-        print(f'{name}: already finished in {run.path}')
+        print(f'{name}: already finished in {folder.path}')
         return summary['metrics']
-    if not os.path.exists(run.checkpoint_path):
-        raise UserError(f'--resume: {run.path} finished {summary["metrics"]["epochs"]} epochs and has no '
+    if not os.path.exists(folder.checkpoint_path):
+        raise UserError(f'--resume: {folder.path} finished {summary["metrics"]["epochs"]} epochs and has no '
                         f'checkpoint to train on to --epochs {args.epochs}; rerun it in another --out-dir')
     return None
 

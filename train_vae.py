@@ -89,23 +89,23 @@ def test_log_likelihood(model, images, K):
 
 
 @torch.no_grad()
-def save_progress_figures(model, run, epoch, fixed_z, fixed_x):
+def save_progress_figures(model, folder, epoch, fixed_z, fixed_x):
     """1.3b (decoded fixed prior draws) and 1.3c (fixed test images above their reconstructions)."""
     model.eval()
     samples = model.decode(fixed_z).mode()                                    # (64, 3, 32, 32)
     x = to_unit_range(fixed_x)                                                # (24, 3, 32, 32)
     recon = model.decode(model.encode(x).mode()).mode()
     rows = torch.cat([torch.stack([x[i:i + 8], recon[i:i + 8]]) for i in range(0, len(x), 8)])  # orig/recon rows
-    b = save_image_grid(samples, run.file(f'1.3b_samples_epoch{epoch:03d}.png'),
+    b = save_image_grid(samples, folder.file(f'1.3b_samples_epoch{epoch:03d}.png'),
                         f'Samples from 64 fixed prior draws z ~ N(0,I), epoch {epoch}')
-    c = save_image_grid(rows.flatten(0, 1), run.file(f'1.3c_reconstructions_epoch{epoch:03d}.png'),
+    c = save_image_grid(rows.flatten(0, 1), folder.file(f'1.3c_reconstructions_epoch{epoch:03d}.png'),
                         f'Test images and their reconstructions (decoder mean at the posterior mean), epoch {epoch}',
                         row_labels=['original', 'reconstruction'] * (len(x) // 8))
     return b, c
 
 
 @torch.no_grad()
-def save_latent_profiles(model, images, labels, per_class, run, epoch):
+def save_latent_profiles(model, images, labels, per_class, folder, epoch):
     """1.3e: mean posterior mean of `per_class` training images of each digit, one bar plot per digit."""
     plt = pyplot()
     model.eval()
@@ -135,10 +135,10 @@ def save_latent_profiles(model, images, labels, per_class, run, epoch):
     fig.suptitle(f'Latent profile per digit: average posterior mean of {per_class} training images each, '
                  f'epoch {epoch} (red, numbered: the 3 largest |mean| dimensions)', fontsize=11)
     fig.tight_layout()
-    path = run.file('1.3e_latent_profiles.png')
+    path = folder.file('1.3e_latent_profiles.png')
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    with open(run.file('1.3e_latent_profiles.json'), 'w') as f:
+    with open(folder.file('1.3e_latent_profiles.json'), 'w') as f:
         json.dump({'per_class': per_class, 'profile': profile.tolist(), 'top_dims': top}, f, indent=1)
     return path
 
@@ -146,7 +146,7 @@ def save_latent_profiles(model, images, labels, per_class, run, epoch):
 @torch.no_grad()
 def save_interpolations(study, epoch, n_points=10):
     """1.3f: rows decoding n_points from z_1 to z_2, for pairs of test posterior means and pairs of prior draws."""
-    model, test_images, test_labels, run = study.model, study.test_x, study.test_y, study.run.folder
+    model, test_images, test_labels, folder = study.model, study.test_x, study.test_y, study.run.folder
     model.eval()
     pairs = [(0, 4), (1, 5), (2, 6), (3, 7)]
     mu = model.encode(to_unit_range(test_images[:8])).mean                        # (8, z)
@@ -158,7 +158,7 @@ def save_interpolations(study, epoch, n_points=10):
     for i in range(4):
         rows.append(vae_solution.interpolate(model, z[2 * i:2 * i + 1], z[2 * i + 1:2 * i + 2], n_points))
         labels.append(f'prior pair {i + 1}')
-    return save_image_grid(torch.cat(rows), run.file('1.3f_interpolations.png'),
+    return save_image_grid(torch.cat(rows), folder.file('1.3f_interpolations.png'),
                            f'Decoded linear interpolations z_1 -> z_2 ({n_points} points, ends included), '
                            f'epoch {epoch}', nrow=n_points, row_labels=labels)
 

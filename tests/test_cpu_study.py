@@ -1,6 +1,5 @@
 """The pieces the CPU-scale study adds: the recipes, the narrow backbone, samples.npz and the untrained model's
 monitors (epoch 0), checked without real data."""
-import io
 
 import numpy as np
 import pytest
