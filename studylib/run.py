@@ -641,11 +641,6 @@ def parse_with_recipe(parser, argv, defaults, recipes=None):
     return parser.parse_args(argv)
 
 
-class Stopped(UserError):
-    """A signal outside the training loop (in end-of-epoch sampling, the final stage): exit 130 with one line."""
-    exit_code = 130
-
-
 # environment failures while writing: one line, like a user error (the message names the file)
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
                        errno.EISDIR}
