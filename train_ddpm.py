@@ -339,16 +339,17 @@ def end_of_epoch(study, epoch, train_loss, seconds):
     """The epoch's log row and checkpoint; every --sample-every epochs (and the last) also a batch of samples, its
     figure and its digit FD, so that quality can be read against training minutes."""
     args, run = study.args, study.run
-    row = dict(epoch=epoch, train_loss=train_loss, seconds=seconds)
+    row, figures = dict(epoch=epoch, train_loss=train_loss, seconds=seconds), []
     if epoch % args.sample_every == 0 or epoch == args.epochs:
         study.samples, row['sample_seconds'] = draw_samples(study, args.num_samples, args.seed)
         run.state['sample_seconds'] = row['sample_seconds']
         row['digit_fd'] = digit_quality(study.digit_net[0], study.samples, study.reference)['digit_fd']
-        run.state['figures']['2.2b'].append(save_image_grid(
+        figures = [save_image_grid(
             study.samples, run.folder.file(f'2.2b_samples_epoch{epoch:03d}.png'),
             f'Samples after epoch {epoch} ({study.sampler}, same seed every time'
-            + (f', EMA {args.ema_decay} weights)' if study.ema is not None else ')')))
-    run.folder.log_metrics(row)
+            + (f', EMA {args.ema_decay} weights)' if study.ema is not None else ')'))]
+        run.state['figures']['2.2b'] += figures
+    run.log(row, figures)
     tqdm.write(f'epoch {epoch}: loss {train_loss:.4f}, {seconds:.1f} s'
                + (f', sampling {row["sample_seconds"]:.1f} s, digit FD {row["digit_fd"]:.1f}'
                   if 'digit_fd' in row else ''))
@@ -530,7 +531,7 @@ def final_stage(study):
                    digit_net_test_accuracy=study.digit_net[1]['test_accuracy'], samplers=samplers,
                    sampler=study.sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,
                    ema_updates=int(ema.n_averaged) if ema is not None else 0, device=run.config['device_name'])
-    run.folder.write_summary('ddpm', figures, metrics)
+    run.write_summary('ddpm', figures, metrics)
     return metrics
 
 

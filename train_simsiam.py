@@ -326,7 +326,7 @@ def initial_monitors(member, augment):
         loss, z_std = float(probe.loss(p1, p2, z1, z2)), float(collapse_indicator(z1))
     if not run.ranks.is_main:
         return
-    run.folder.log_metrics(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, lr=None, seconds=0.0))
+    run.log(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, lr=None, seconds=0.0))
     tqdm.write(f'{member.name} before training: loss {loss:.4f} (first batch), kNN top-1 {knn:.2f}%, z std '
                f'{z_std:.4f} (healthy ~{member.healthy_z_std():.4f})')
 
@@ -338,8 +338,7 @@ def end_of_epoch(member, epoch, lr, means, seconds):
     if not run.ranks.is_main:
         return
     train_loss, z_std = means.tolist()
-    run.folder.log_metrics(dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr,
-                                seconds=seconds))
+    run.log(dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds))
     tqdm.write(f'{member.name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
                f'(healthy ~{member.healthy_z_std():.4f}), lr {lr:.4f}, {seconds:.1f} s')
     run.save(epoch)
@@ -358,7 +357,7 @@ def final_metrics(member):
                    init_z_std=init[0]['z_std'] if init else None, min_train_loss=min(r['train_loss'] for r in rows),
                    final_z_std=rows[-1]['z_std'], linear_probe_top1=probe, num_train=len(train_x),
                    num_test=len(test_x), **time_metrics(rows), device=run.config['device_name'], **member.settings)
-    run.folder.write_summary('simsiam', {}, metrics)
+    run.write_summary('simsiam', {}, metrics)
     return metrics
 
 

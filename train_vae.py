@@ -284,13 +284,14 @@ def train(args, command, ranks):
 def end_of_epoch(study, epoch, row):
     """The epoch's log row and checkpoint; every --sample-every epochs (and the last) the 1.3b and 1.3c figures."""
     args, run = study.args, study.run
-    run.folder.log_metrics(dict(epoch=epoch, **row))
+    figures = []
+    if epoch % args.sample_every == 0 or epoch == args.epochs:
+        figures = save_progress_figures(study.model, run.folder, epoch, study.fixed_z, study.fixed_x)  # draws nothing
+        run.state['figures']['1.3b'].append(figures[0])
+        run.state['figures']['1.3c'].append(figures[1])
+    run.log(dict(epoch=epoch, **row), figures)
     tqdm.write(f'epoch {epoch}: train loss {row["train_loss"]:.2f} (nll {row["train_nll"]:.2f}, kl '
                f'{row["train_kl"]:.2f}), test -ELBO {row["test_neg_elbo"]:.2f}, {row["seconds"]:.1f} s')
-    if epoch % args.sample_every == 0 or epoch == args.epochs:
-        b, c = save_progress_figures(study.model, run.folder, epoch, study.fixed_z, study.fixed_x)   # draws nothing
-        run.state['figures']['1.3b'].append(b)
-        run.state['figures']['1.3c'].append(c)
     run.save(epoch)
 
 
@@ -321,7 +322,7 @@ def final_stage(study):
                    final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
                    test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
                    **time_metrics(rows), device=run.config['device_name'])
-    run.folder.write_summary('vae', figures, metrics)
+    run.write_summary('vae', figures, metrics)
     return metrics
 
 

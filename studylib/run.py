@@ -16,7 +16,9 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +119,7 @@ def _as_tuples(x):
 # (lr, batch, images, seed, model and recipe flags...): a resume with another value is refused, since the
 # checkpoint would silently keep the old one while config.json recorded the new.
 RESUMABLE_COMMON = frozenset({'epochs', 'resume', 'out_dir', 'data_dir', 'no_download', 'device',
-                              'checkpoint_every', 'allow_nan', 'amp', 'compile'})
+                              'checkpoint_every', 'allow_nan', 'amp', 'compile', 'tensorboard'})
 
 
 class _Claim:
@@ -223,7 +225,10 @@ def lock_dir(path, flag='--out-dir', created_dir=False):
 def release_locks():
     """Drop this process's folder claims (at the end of a command's main(), however it ends, so that a second
     main() in the same process, as the tests run them, can open the folder again). A .lock file the claim made is
-    removed, while still held, and so is a folder it made that holds nothing else."""
+    removed, while still held, and so is a folder it made that holds nothing else. Open TensorBoard logs are
+    flushed and closed first."""
+    while _OPEN_BOARDS:
+        _OPEN_BOARDS[-1].close()
     while _CLAIMS:
         claim = _CLAIMS.popitem()[1]
         lock_path = os.path.join(claim.path, '.lock')
@@ -318,8 +323,10 @@ class RunDir:
         claim_folder(self.path, fresh=not resume)
         if resume:
             self.truncate_metrics(ckpt['epoch'])
-        elif os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)  # a fresh run's log must not continue an aborted run's rows
+        else:   # a fresh run's log and curves must not continue an aborted run's
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+            shutil.rmtree(self.file(BOARD_DIR), ignore_errors=True)
         self.write_json('config.json', config)
         return ckpt
 
@@ -406,6 +413,76 @@ class RunDir:
                                          'run': self.provenance()})
         print(json.dumps(metrics, indent=2))
         print(f'run folder: {self.path}')
+
+
+BOARD_DIR = 'tb'
+_OPEN_BOARDS = []   # closed by release_locks(), at the end of a command however it ends
+
+
+def require_tensorboard():
+    """--tensorboard without the optional tensorboard package: one line, before anything is loaded or written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter   # noqa: F401 (torch's writer needs the package)
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package, which is not installed: pip install '
+                        'tensorboard (or requirements-test.txt), or drop --tensorboard') from None
+
+
+class Board:
+    """Live curves and grids for TensorBoard (--tensorboard): one event log at <run folder>/tb, written by rank 0.
+
+    One step axis per run: the optimizer steps, counted from the first (a resume continues the count, which the
+    checkpoint holds). Tags: train/loss (each step's training loss; under torchrun rank 0's share of the batch) and
+    train/lr (the first parameter group's); epoch/<key> (every number of the epoch's metrics.jsonl row, at the step
+    that ends the epoch; SimSiam's epoch 0 at step 0); figures/<file> (each grid the driver saves, the file name
+    without its _epochNNN, so that TensorBoard's slider walks the epochs); summary/<key> (summary.json's numbers).
+    A resumed run's writer purges what was logged after its checkpoint (purge_step)."""
+    FLUSH_EVERY = 50   # per-step losses stay on the device and are read in blocks: no host sync in a step
+
+    def __init__(self, path, purge_step=None):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(path, purge_step=purge_step, flush_secs=30)
+        self.pending, self.shown = [], set()   # (step, loss tensor, lr) not written yet; figures written
+        _OPEN_BOARDS.append(self)
+
+    def step(self, step, loss, lr):
+        self.pending.append((step, loss.detach(), lr))
+        if len(self.pending) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            losses = torch.stack([loss.float().reshape(()) for _, loss, _ in self.pending]).tolist()
+            for (step, _, lr), loss in zip(self.pending, losses):
+                self.writer.add_scalar('train/loss', loss, step)
+                self.writer.add_scalar('train/lr', lr, step)
+            self.pending = []
+        self.writer.flush()
+
+    def scalars(self, prefix, values, step):
+        """Every number of `values` (a metrics row or summary) as prefix/<key>; other values are not curves."""
+        self.flush()
+        for key, value in values.items():
+            if key != 'epoch' and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f'{prefix}/{key}', value, step)
+        self.writer.flush()
+
+    def figures(self, paths, step):
+        """The PNGs not shown yet, as images: the figure as saved, with its title and labels."""
+        from matplotlib.image import imread
+        for path in paths:
+            if path in self.shown:
+                continue
+            self.shown.add(path)
+            tag = re.sub(r'_epoch\d+$', '', os.path.splitext(os.path.basename(path))[0])
+            self.writer.add_image(f'figures/{tag}', imread(path)[..., :3], step, dataformats='HWC')   # drop alpha
+        self.writer.flush()
+
+    def close(self):
+        self.flush()
+        self.writer.close()
+        if self in _OPEN_BOARDS:
+            _OPEN_BOARDS.remove(self)
 
 
 PROVENANCE_KEYS = ('command', 'device_name', 'git_commit', 'torch_version', 'started', 'args')
@@ -613,6 +690,9 @@ def make_parser(description, out_dir, lr_help='learning rate'):
     common.add_argument('--allow-nan', action='store_true',
                         help='train on through non-finite losses (by default the run stops, naming the step, and '
                              'keeps the last good checkpoint)')
+    common.add_argument('--tensorboard', action='store_true',
+                        help='also log live curves and grids for TensorBoard into OUT_DIR/tb (needs the tensorboard '
+                             'package); watch with: tensorboard --logdir runs')
     common.add_argument('--amp', choices=['auto', 'on', 'off'], default='auto',
                         help='bf16 autocast of the training step; auto = on for a CUDA GPU with bf16, off on the CPU')
     common.add_argument('--compile', action='store_true',

@@ -10,8 +10,9 @@
             loop.record(loss, sums)
         sums, seconds = loop.finish()
         with loop.end_of_epoch():
-            ... evaluate, figures, run.folder.log_metrics(row) ...
+            ... evaluate, figures, run.log(row, figures) ...
             run.save(epoch)
+    run.write_summary(model_name, figures, metrics)
 
 The model's forward, backward and step stay in the driver. `run.state` holds what the driver keeps across epochs
 (figure lists, timings): it is saved with every checkpoint and given back by resume(); a value that is a callable
@@ -54,8 +55,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import UserError
-from .run import (RunDir, load_checkpoint, pick_device, release_locks, restore, rng_state,
-                  set_rng_state, stop_on_signals, user_errors)
+from .run import (BOARD_DIR, Board, RunDir, load_checkpoint, pick_device, release_locks, require_tensorboard, restore,
+                  rng_state, set_rng_state, stop_on_signals, user_errors)
 
 
 # ---- processes and devices (torchrun) -------------------------------------------------------------------------
@@ -290,11 +291,13 @@ class _StopFlag:
 
 class EpochLoop:
     def __init__(self, epoch, n, batch_size, order_rng, device, *, num_sums, mid=None, drop_last=False,
-                 checkpoint_every=0, save=None, allow_nan=False, desc=None, ranks=None):
+                 checkpoint_every=0, save=None, allow_nan=False, desc=None, ranks=None, on_step=None):
         """epoch: 1-based; mid: the checkpoint's mid-epoch state when it belongs to this epoch (then the order
         comes from it and order_rng is not drawn from again); ranks: under torchrun, this process's share
-        (Ranks): every rank walks the same order and takes its contiguous slice of each global batch."""
+        (Ranks): every rank walks the same order and takes its contiguous slice of each global batch;
+        on_step(step index, loss): called by record() after each step (the run's step count, TensorBoard)."""
         self.ranks = ranks or Ranks(device=torch.device(device))
+        self.on_step = on_step
         self.epoch, self.batch_size, self.device = epoch, batch_size, device
         self.checkpoint_every, self.save, self.allow_nan, self.desc = checkpoint_every, save, allow_nan, desc
         if mid is not None and mid['epoch'] == epoch:
@@ -374,6 +377,8 @@ class EpochLoop:
     def record(self, loss, sums):
         """After a step: add its sums (a tensor) and remember the first step whose loss is not finite."""
         self.sums += sums
+        if self.on_step is not None:
+            self.on_step(self.step, loss)
         if not self.allow_nan:
             bad = ~torch.isfinite(loss.detach())
             self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
@@ -447,6 +452,13 @@ class TrainingRun:
         self.order_rng = torch.Generator().manual_seed(args.seed)   # the data order, checkpointed for resume
         self.start_epoch, self.mid = resume_point(self.ckpt)
         self.state, self.model, self.optimizer = {}, None, None
+        # optimizer steps done, the TensorBoard axis; a checkpoint of older code has no count: it is worked out
+        # from the first epoch's length (every epoch has as many steps)
+        self.steps_done = self.ckpt['extra'].get('steps_done') if self.ckpt is not None else 0
+        self.board = None
+        if getattr(args, 'tensorboard', False) and ranks.is_main:
+            purge = self.steps_done + 1 if self.ckpt is not None and self.steps_done is not None else None
+            self.board = Board(self.folder.file(BOARD_DIR), purge_step=purge)
 
     def resume(self, model, optimizer, **state):
         """Register the model and optimizer; with a checkpoint, restore them, every RNG state, the data order and
@@ -468,7 +480,33 @@ class TrainingRun:
         extra = {k: (v() if callable(v) else v) for k, v in self.state.items()}
         self.folder.save_checkpoint(model_name=self.config['model'], model_config=self.config['model_config'],
                                     model=self.model, optimizer=self.optimizer, epoch=epoch,
-                                    extra={**extra, 'order_rng': self.order_rng.get_state(), 'mid_epoch': mid_epoch})
+                                    extra={**extra, 'order_rng': self.order_rng.get_state(), 'mid_epoch': mid_epoch,
+                                           'steps_done': self.steps_done})
+        if self.board is not None:
+            self.board.flush()   # what a resume keeps is on disk with the checkpoint
+
+    def log(self, row, figures=()):
+        """The epoch's metrics.jsonl row (and, with --tensorboard, its numbers and `figures`, the PNGs just saved,
+        at the step that ends the epoch); rank 0 only."""
+        self.folder.log_metrics(row)
+        if self.board is not None:
+            self.board.scalars('epoch', row, self.steps_done or 0)
+            self.board.figures(figures, self.steps_done or 0)
+
+    def write_summary(self, model_name, figures, metrics):
+        """summary.json (RunDir.write_summary); with --tensorboard also its numbers and the figures not shown yet,
+        at the last step. The log is then closed."""
+        if self.board is not None:
+            self.board.scalars('summary', metrics, self.steps_done or 0)
+            self.board.figures([p for paths in figures.values() for p in paths], self.steps_done or 0)
+            self.board.close()
+            self.board = None
+        self.folder.write_summary(model_name, figures, metrics)
+
+    def _stepped(self, loop, step, loss):
+        self.steps_done = loop.steps_before + step + 1
+        if self.board is not None:
+            self.board.step(self.steps_done, loss, self.optimizer.param_groups[0]['lr'])
 
     def epochs(self):
         return tqdm(range(self.start_epoch, self.epochs_total + 1), desc='epochs', initial=self.start_epoch - 1,
@@ -480,7 +518,10 @@ class TrainingRun:
         loop = EpochLoop(epoch, n, self.batch_size, self.order_rng, self.ranks.device, num_sums=num_sums,
                          mid=self.mid, drop_last=drop_last, checkpoint_every=self.checkpoint_every,
                          save=lambda state: self.save(epoch - 1, state), allow_nan=self.allow_nan, ranks=self.ranks,
-                         desc=desc)
+                         desc=desc, on_step=lambda step, loss: self._stepped(loop, step, loss))
+        if self.steps_done is None:   # resumed from a checkpoint without the count
+            self.steps_done = (epoch - 1) * len(loop) + loop.start
+        loop.steps_before = self.steps_done - loop.start   # the steps of the epochs before this one
         self.mid = None
         return loop
 
@@ -493,6 +534,8 @@ def run_main(script, parse_args, train, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     with user_errors(), stop_on_signals():
+        if getattr(args, 'tensorboard', False):
+            require_tensorboard()   # before the data loads, not after an epoch
         ranks = setup(args.device)   # one process, or this process's rank under torchrun
         try:
             return train(args, shlex.join(['python', script, *argv]), ranks)
