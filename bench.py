@@ -129,10 +129,10 @@ def simsiam_settings():
 def simsiam_step(device, amp, images):
     """The driver's SimSiam step (train_simsiam.build / train_step: the predictor's lr in its own group) on two
     views of a batch (views made once: the pipeline is timed on its own)."""
-    model, step_model, optimizer = train_simsiam.build(simsiam_settings(), train_simsiam.DEFAULTS['lr'] * BATCH / 256,
-                                                       device)
+    _, _, step_model, optimizer = train_simsiam.build(simsiam_settings(), train_simsiam.DEFAULTS['lr'] * BATCH / 256,
+                                                      device, amp=amp)
     x1, x2 = SimSiamAugment().two_views(images[:BATCH].to(device))
-    return lambda: train_simsiam.train_step(model, step_model, optimizer, x1, x2, amp), x1, x2
+    return lambda: train_simsiam.train_step(step_model, optimizer, [x1, x2]), x1, x2
 
 
 # ------------------------------------------------------------------------------------------------------ the peers

@@ -11,6 +11,7 @@ lr 0.03 * batch / 256 (--lr is that base rate per 256 images, as in the official
 (studylib.narrow_resnet) at batch 128, for the CPU-scale study (docs/results.md gives its command).
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -28,6 +29,7 @@ from studylib.augment import CIFAR_MEAN as MEAN, CIFAR_STD as STD, SimSiamAugmen
 from studylib.data import CIFAR_CLASSES, batch_indices, load_split
 from studylib.narrow_resnet import narrow_cifar_resnet18
 from studylib.plots import pyplot
+from studylib.ssl_objectives import ObjectiveStep, effective_rank, make_views
 from studylib.run import (RESUMABLE_COMMON, RunDir, claim_folder, make_config, make_parser, parse_with_recipe,
                           positive_float, positive_int, read_summary, recipe_help, seed_everything, time_metrics)
 from studylib.trainer import (Ranks, TrainingRun, all_sum, autocast, check_batch, gather_rows, optimizer_kwargs,
@@ -60,18 +62,36 @@ VARIANTS = {
     'identity-pred': {'predictor': 'identity'},
     'fixed-random-pred': {'predictor': 'fixed-random'},
     'dim4096': {'dim': 4096},
+    # the written questions, measured (studylib.ssl_objectives: the objectives and the heavy augmentations)
+    'barlow-2048': {'objective': 'barlow', 'predictor': 'identity', 'stop_grad': False},
+    'barlow-4096': {'objective': 'barlow', 'predictor': 'identity', 'stop_grad': False, 'dim': 4096},
+    'heavy-aug': {'heavy': True},
+    'heavy-aug-dssl': {'objective': 'dssl'},
+    'no-stop-grad-vicreg': {'objective': 'vicreg', 'stop_grad': False},
+    'byol': {'objective': 'byol'},
+    'byol-no-stop-grad': {'objective': 'byol', 'stop_grad': False},
+    'mean-target': {'objective': 'mean-target'},
 }
 QUESTIONS = {
     '3.4': ('with and without stop-gradient', ['baseline', 'no-stop-grad']),
     '3.5a': ('trainable vs identity predictor (and a fixed random one)', ['baseline', 'identity-pred',
                                                                            'fixed-random-pred']),
     '3.5b': ('projector output dimension 2048 vs 4096', ['baseline', 'dim4096']),
+    '3.5c': ('Barlow Twins with a 2048 and a 4096 projector, beside SimSiam', ['baseline', 'barlow-2048',
+                                                                             'barlow-4096']),
+    '3.6': ('heavy augmentations: SimSiam on heavy views, and heavy views learning only from standard ones (DSSL)',
+            ['baseline', 'heavy-aug', 'heavy-aug-dssl']),
+    '3.7': ('no stop-gradient, alone and with VICReg variance and covariance terms',
+            ['baseline', 'no-stop-grad-vicreg', 'no-stop-grad']),
+    '3.8': ('a momentum target (BYOL) with and without stop-gradient, beside SimSiam',
+            ['baseline', 'byol', 'byol-no-stop-grad', 'no-stop-grad']),
+    '3.9': ('asymmetry (arXiv 2204.00613): each target the mean encoding of two views', ['baseline', 'mean-target']),
 }
 EXPERIMENTS = {
-    '3.4': ['baseline', 'no-stop-grad'],
-    '3.5a': ['baseline', 'identity-pred'],
-    '3.5b': ['baseline', 'dim4096'],
-    'all': ['baseline', 'no-stop-grad', 'identity-pred', 'fixed-random-pred', 'dim4096'],
+    **{qid: members for qid, (_, members) in QUESTIONS.items()},
+    '3.5a': ['baseline', 'identity-pred'],                # the fixed random predictor only with ablations or all
+    'ablations': ['baseline', 'no-stop-grad', 'identity-pred', 'fixed-random-pred', 'dim4096'],   # 3.4-3.5b
+    'all': list(VARIANTS),
 }
 PREDICTOR_MODES = {'mlp': None, 'identity': 'no_pred_mlp', 'fixed-random': 'fixed_random_init'}
 # what a --resume may change besides the common flags: which configurations run, not how one trains
@@ -87,10 +107,11 @@ def parse_args(argv=None):
                    help=f'the defaults it sets ({recipe_help(RECIPES)}); tuned is the SimSiam paper\'s CIFAR '
                         f'setting, assignment the course template exactly, cpu the CPU study; --batch-size given '
                         f'explicitly wins')
-    s.add_argument('--experiment', choices=['single', *EXPERIMENTS], default='single',
-                   help='single: one configuration from the flags; 3.4: with/without stop-gradient; 3.5a: '
-                        'baseline and identity predictor; 3.5b: projector 2048 and 4096; all: the baseline and '
-                        'every variant (fixed random predictor too), every figure')
+    s.add_argument('--experiment', type=experiment_names, default='single', metavar='NAME',
+                   help='single: one configuration from the flags; a question id (' + ', '.join(QUESTIONS) + '): '
+                        'the baseline and that question\'s variants; ablations: 3.4-3.5b; all: every configuration '
+                        'and figure; or configurations by name, comma-separated (' + ', '.join(VARIANTS) + '), '
+                        'e.g. to share an experiment between machines')
     s.add_argument('--no-stop-grad', action='store_true', help='(single) drop the stop-gradient on z')
     s.add_argument('--predictor', choices=sorted(PREDICTOR_MODES), default='mlp',
                    help='(single) trainable MLP, identity, or a frozen random MLP')
@@ -102,6 +123,26 @@ def parse_args(argv=None):
     if args.batch_size < 2:
         parser.error(f'--batch-size {args.batch_size}: batch norm needs at least 2 images per batch')
     return args
+
+
+def experiment_names(text):
+    """--experiment: 'single', an experiment's name, or configuration names separated by commas."""
+    if text == 'single' or text in EXPERIMENTS:
+        return text
+    names = text.split(',')
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f'{text!r}: expected single, one of {", ".join(EXPERIMENTS)}, or distinct configuration names from '
+            f'{", ".join(VARIANTS)} separated by commas' + (f' (unknown: {", ".join(unknown)})' if unknown else ''))
+    return text
+
+
+def configurations(experiment):
+    """The configuration names an --experiment value trains, in order."""
+    if experiment == 'single':
+        return ['single']
+    return list(EXPERIMENTS[experiment]) if experiment in EXPERIMENTS else experiment.split(',')
 
 
 def get_lr(epoch, base_lr, epochs):
@@ -187,28 +228,28 @@ def _torchvision_resnet18(**kwargs):
     return resnet18(**kwargs)
 
 
-def build(settings, lr, device, ranks=None, compile_model=False):
-    """The SimSiam model, the module its training step calls (laid out, data-parallel under torchrun, compiled when
-    asked) and SGD with two parameter groups: the encoder's, whose lr follows the cosine schedule, and the
-    predictor's, kept at the base lr (paper Sec. 4.2, the official fix_pred_lr: the predictor adapts to the latest
-    representation). (model, step_model, optimizer); bench.py times the same."""
+def build(settings, lr, device, ranks=None, compile_model=False, amp=False):
+    """The SimSiam model, its objective (studylib.ssl_objectives.ObjectiveStep: the loss of settings['objective'],
+    SimSiam's by default), the module the training step calls (the objective laid out, data-parallel under torchrun,
+    compiled when asked) and SGD with two parameter groups: the encoder's, whose lr follows the cosine schedule, and
+    the predictor's, kept at the base lr (paper Sec. 4.2, the official fix_pred_lr: the predictor adapts to the
+    latest representation). (model, objective, step_model, optimizer); bench.py times the same."""
     model = build_model(settings).to(device)
     sync_batchnorm(model, ranks)   # batch statistics over the global batch under torchrun (the paper's setting)
-    step_model = prepare_model(model, device, compile_model, wrap=lambda m: wrap(m, ranks))
+    objective = ObjectiveStep(model, settings, lambda: autocast(device, amp))
+    step_model = prepare_model(objective, device, compile_model, wrap=lambda m: wrap(m, ranks))
     groups = [{'params': [p for p in model.encoder.parameters() if p.requires_grad], 'fix_lr': False},
               {'params': [p for p in model.predictor.parameters() if p.requires_grad], 'fix_lr': True}]
     groups = [g for g in groups if g['params']]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                 **optimizer_kwargs(device))
-    return model, step_model, optimizer
+    return model, objective, step_model, optimizer
 
 
-def train_step(model, step_model, optimizer, x1, x2, amp):
-    """One optimizer step on the symmetric negative cosine loss of the two views (stop-gradient inside the model,
-    q3_solution.SimSiam): (loss, z1)."""
-    with autocast(x1.device, amp):
-        p1, p2, z1, z2 = step_model(x1, x2)                              # (B, dim) each
-    loss = model.loss(p1.float(), p2.float(), z1.float(), z2.float())   # the cosine loss in float32
+def train_step(step_model, optimizer, views):
+    """One optimizer step on the objective's loss of the views (SimSiam's symmetric negative cosine, stop-gradient
+    inside the model, q3_solution.SimSiam, unless the configuration names another): (loss, z1)."""
+    loss, z1 = step_model(views)                                         # the forward in bf16 under --amp
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -233,13 +274,10 @@ def finished_metrics(args, folder, name):
     return None
 
 
-def two_views(augment, images, idx, loop):
-    """The step's two augmented views of this rank's rows (idx), made on the device: no per-image Python."""
-    x = images[idx]                                                          # (B, 3, 32, 32) uint8
-    # each view's parameters are drawn for the global batch; this rank applies its rows
-    params = [augment.sample_params(loop.global_batch, *x.shape[-2:]) for _ in range(2)]
-    x1, x2 = (augment.apply(x, {k: v[loop.part] for k, v in p.items()}) for p in params)
-    return to_device_batch(x1, images.device), to_device_batch(x2, images.device)
+def step_views(augment, images, idx, loop, settings):
+    """The step's views of this rank's rows (idx), made on the device: no per-image Python."""
+    views = make_views(augment, images[idx], settings, n=loop.global_batch, part=loop.part)   # (B, 3, 32, 32) each
+    return [to_device_batch(v, images.device) for v in views]
 
 
 @dataclass
@@ -259,6 +297,10 @@ class Member:
     def healthy_z_std(self):
         return 1 / math.sqrt(self.settings['dim'])
 
+    def erank(self):
+        """The effective rank of the test images' encoder outputs (the kNN features, before normalisation)."""
+        return effective_rank(embed(self.model.encoder, self.data[2]))
+
 
 def train_config(args, name, data, ranks, command):
     """Train one configuration in its own run folder (resuming it if asked); returns its final metrics."""
@@ -274,9 +316,11 @@ def train_config(args, name, data, ranks, command):
     # a configuration of an experiment not started yet starts fresh; a single run must have its checkpoint
     resume = args.resume and (args.experiment == 'single' or os.path.exists(folder.checkpoint_path))
     run = TrainingRun(ranks, args, config, RESUMABLE, out_dir=folder.path, resume=resume)
-    model, step_model, optimizer = build(settings, lr, device, ranks, args.compile)
-    amp = use_amp(args.amp, device)
-    run.resume(model, optimizer)
+    model, objective, step_model, optimizer = build(settings, lr, device, ranks, args.compile,
+                                                    use_amp(args.amp, device))
+    state = run.resume(model, optimizer, target=None)
+    objective.load_ema_state(state['target'])
+    state['target'] = objective.ema_state   # byol's averaged weights, called at each save
     augment = SimSiamAugment(crop_scale=args.crop_scale)
     member = Member(args, name, settings, run, model, tuple(t.to(device) for t in data))   # uint8 on the device
     train_x = member.data[0]
@@ -290,8 +334,8 @@ def train_config(args, name, data, ranks, command):
         model.train()
         loop = run.epoch_loop(epoch, len(train_x), num_sums=2, drop_last=True)   # loss and z std, summed
         for idx in loop:
-            x1, x2 = two_views(augment, train_x, idx, loop)
-            loss, z1 = train_step(model, step_model, optimizer, x1, x2, amp)
+            views = step_views(augment, train_x, idx, loop, settings)
+            loss, z1 = train_step(step_model, optimizer, views)
             collapse = collapse_indicator(z1)
             loop.record(loss, torch.stack([loss.detach(), collapse]) / ranks.world)   # means over ranks
         sums, seconds = loop.finish()
@@ -320,15 +364,16 @@ def initial_monitors(member, augment):
     with torch.random.fork_rng(devices=[train_x.device] if train_x.is_cuda else []):
         torch.manual_seed(args.seed)
         x = train_x[:args.batch_size]                                        # (B, 3, 32, 32) uint8
-        x1, x2 = (augment.apply(x, augment.sample_params(len(x), *x.shape[-2:])) for _ in range(2))
-        probe = copy.deepcopy(member.model).train()
-        p1, p2, z1, z2 = probe(to_device_batch(x1, x.device), to_device_batch(x2, x.device))
-        loss, z_std = float(probe.loss(p1, p2, z1, z2)), float(collapse_indicator(z1))
+        views = [to_device_batch(v, x.device) for v in make_views(augment, x, member.settings)]
+        probe = ObjectiveStep(copy.deepcopy(member.model).train(), member.settings, contextlib.nullcontext)
+        loss, z1 = probe(views)
+        loss, z_std = float(loss), float(collapse_indicator(z1))
     if not run.ranks.is_main:
         return
-    run.log(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, lr=None, seconds=0.0))
+    erank = member.erank()
+    run.log(dict(epoch=0, train_loss=loss, knn_top1=knn, z_std=z_std, erank=erank, lr=None, seconds=0.0))
     tqdm.write(f'{member.name} before training: loss {loss:.4f} (first batch), kNN top-1 {knn:.2f}%, z std '
-               f'{z_std:.4f} (healthy ~{member.healthy_z_std():.4f})')
+               f'{z_std:.4f} (healthy ~{member.healthy_z_std():.4f}), effective rank {erank:.1f}')
 
 
 def end_of_epoch(member, epoch, lr, means, seconds):
@@ -338,9 +383,10 @@ def end_of_epoch(member, epoch, lr, means, seconds):
     if not run.ranks.is_main:
         return
     train_loss, z_std = means.tolist()
-    run.log(dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, lr=lr, seconds=seconds))
+    erank = member.erank()
+    run.log(dict(epoch=epoch, train_loss=train_loss, knn_top1=knn, z_std=z_std, erank=erank, lr=lr, seconds=seconds))
     tqdm.write(f'{member.name} epoch {epoch}: loss {train_loss:.4f}, kNN top-1 {knn:.2f}%, z std {z_std:.4f} '
-               f'(healthy ~{member.healthy_z_std():.4f}), lr {lr:.4f}, {seconds:.1f} s')
+               f'(healthy ~{member.healthy_z_std():.4f}), effective rank {erank:.1f}, lr {lr:.4f}, {seconds:.1f} s')
     run.save(epoch)
 
 
@@ -355,57 +401,84 @@ def final_metrics(member):
                    final_knn_top1=rows[-1]['knn_top1'], best_knn_top1=max(r['knn_top1'] for r in rows),
                    init_knn_top1=init[0]['knn_top1'] if init else None,
                    init_z_std=init[0]['z_std'] if init else None, min_train_loss=min(r['train_loss'] for r in rows),
-                   final_z_std=rows[-1]['z_std'], linear_probe_top1=probe, num_train=len(train_x),
+                   final_z_std=rows[-1]['z_std'], init_erank=init[0].get('erank') if init else None,
+                   final_erank=rows[-1].get('erank'), linear_probe_top1=probe, num_train=len(train_x),
                    num_test=len(test_x), **time_metrics(rows), device=run.config['device_name'], **member.settings)
     run.write_summary('simsiam', {}, metrics)
     return metrics
 
 
 def save_question_figures(out, qid, names, logs, rate_line, scale=''):
-    """Loss and kNN accuracy against epoch (two panels, one legend), and the collapse indicator; `scale` (the
-    run's encoder, images, batch and schedule) goes under both titles, so that a figure says what it measured."""
+    """Loss and kNN accuracy against epoch (two panels, one legend; the untrained network's kNN as the floor), and
+    the collapse monitors (z std and effective rank); `scale` (the run's encoder, images, batch and schedule) goes
+    under both titles, so that a figure says what it measured."""
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
     title = QUESTIONS[qid][0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in names:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    barlow = [n for n in names if VARIANTS.get(n, {}).get('objective') == 'barlow']
+    twin = left.twinx() if barlow else None
+    for i, name in enumerate(names):
         epochs = [r['epoch'] for r in logs[name]]
-        left.plot(epochs, [r['train_loss'] for r in logs[name]], marker='o', markersize=3, label=name)
-        right.plot(epochs, [r['knn_top1'] for r in logs[name]], marker='o', markersize=3)
+        ax = twin if name in barlow else left
+        ax.plot(epochs, [r['train_loss'] for r in logs[name]], marker='o', markersize=3, label=name,
+                color=f'C{i}', linestyle='--' if name in barlow else '-')
+        right.plot(epochs, [r['knn_top1'] for r in logs[name]], marker='o', markersize=3, color=f'C{i}')
+    floor = logs[names[0]][0]['knn_top1'] if logs[names[0]][0]['epoch'] == 0 else None
+    if floor is not None:
+        right.axhline(floor, color='gray', linestyle=':', linewidth=1)
+        right.annotate(f'untrained network: {floor:.1f}%', (0, floor), fontsize=8, va='bottom')
     left.set_ylabel('loss: -cos(p, z)  (-1 = aligned)')
+    if twin is not None:
+        twin.set_ylabel('Barlow Twins loss (dashed; 0 = identity correlation)')
     right.set_ylabel('kNN top-1 on the test set (%; chance 10)')
-    for ax in (left, right):
-        ax.set_xlabel('epoch (0 = before training)')
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.legend(*left.get_legend_handles_labels(), loc='lower center', ncol=len(names), frameon=False)
+    _epoch_axes([left, right])
+    handles = [h for ax in (left, twin) if ax is not None for h in ax.get_legend_handles_labels()[0]]
+    fig.legend(handles, [h.get_label() for h in handles], loc='lower center', ncol=min(len(names), 5), frameon=False)
     fig.suptitle(f'{qid}: {title}' + (f'\n{scale}' if scale else ''), fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     curves = os.path.join(out, f'{qid}_loss_knn.png')
     fig.savefig(curves, dpi=110)
     plt.close(fig)
+    return [curves, save_collapse_figure(out, qid, names, logs, rate_line, scale)]
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name in names:
-        ax.plot([r['epoch'] for r in logs[name]], [r['z_std'] for r in logs[name]], marker='o', markersize=3,
-                label=name)
+
+def _epoch_axes(axes):
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes:
+        ax.set_xlabel('epoch (0 = before training)')
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def save_collapse_figure(out, qid, names, logs, rate_line, scale):
+    """The std of z/||z|| (0 = every image the same direction) beside the effective rank of the test embeddings
+    (1 = one direction; a partial collapse keeps a spread in a few directions only)."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, name in enumerate(names):
+        epochs = [r['epoch'] for r in logs[name]]
+        left.plot(epochs, [r['z_std'] for r in logs[name]], marker='o', markersize=3, label=name, color=f'C{i}')
+        ranked = [r for r in logs[name] if r.get('erank') is not None]
+        right.plot([r['epoch'] for r in ranked], [r['erank'] for r in ranked], marker='o', markersize=3,
+                   color=f'C{i}')
     dims = sorted({rate_line[n] for n in names})
     for dim in dims:
-        ax.axhline(1 / math.sqrt(dim), color='gray', linestyle='--', linewidth=1)
-        ax.annotate(f'healthy: 1/sqrt({dim})', (ax.get_xlim()[0], 1 / math.sqrt(dim)), fontsize=8, va='bottom')
-    ax.set_xlabel('epoch (0 = before training)')
-    ax.set_ylabel('std of z/||z|| over the batch (mean over dims)')
+        left.axhline(1 / math.sqrt(dim), color='gray', linestyle='--', linewidth=1)
+        left.annotate(f'healthy: 1/sqrt({dim})', (left.get_xlim()[0], 1 / math.sqrt(dim)), fontsize=8, va='bottom')
+    left.set_ylabel('std of z/||z|| over the batch (mean over dims)')
     highest = max([1 / math.sqrt(d) for d in dims] + [r['z_std'] for n in names for r in logs[n]])
-    ax.set_ylim(0, 1.25 * highest)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title('\n'.join([f'{qid}: collapse indicator (0 = collapsed)', *textwrap.wrap(scale, 80)]), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    collapse = os.path.join(out, f'{qid}_collapse.png')
-    fig.savefig(collapse, dpi=110)
+    left.set_ylim(0, 1.25 * highest)
+    right.set_ylabel('effective rank of the test embeddings z')
+    right.set_yscale('log')
+    _epoch_axes([left, right])
+    fig.legend(*left.get_legend_handles_labels(), loc='lower center', ncol=min(len(names), 5), frameon=False)
+    fig.suptitle('\n'.join([f'{qid}: collapse monitors (0 std, rank 1 = collapsed)', *textwrap.wrap(scale, 110)]),
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = os.path.join(out, f'{qid}_collapse.png')
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [curves, collapse]
+    return path
 
 
 def config_dir(args, name):
@@ -444,7 +517,7 @@ def train(args, command, ranks):
     if args.batch_size // ranks.world < 2:
         raise UserError(f'--batch-size {args.batch_size} gives each of the {ranks.world} processes fewer than 2 '
                         f'images: batch norm needs at least 2')
-    names = ['single'] if args.experiment == 'single' else EXPERIMENTS[args.experiment]
+    names = configurations(args.experiment)
     if ranks.is_main:
         check_out_dir(args, names)
     print(f'SimSiam {args.experiment}: {names}; recipe {args.recipe}, batch {args.batch_size}, lr {args.lr} per 256 '
@@ -465,9 +538,10 @@ def train(args, command, ranks):
     scale = (f'{args.arch}, {len(train_x):,} CIFAR-10 training images (the kNN bank), '
              f'{len(test_x):,} test images, batch {args.batch_size}, {args.epochs} epochs, lr {args.lr:g} per 256')
     for qid, (_, members) in QUESTIONS.items():
+        if not set(members[:2]) <= set(names):   # a question needs the baseline and its own first variant
+            continue
         members = [m for m in members if m in names]
-        if len(members) >= 2:
-            figures[qid] = save_question_figures(args.out_dir, qid, members, logs, dims, scale)
+        figures[qid] = save_question_figures(args.out_dir, qid, members, logs, dims, scale)
     exp.write_json('config.json', make_config(args, 'simsiam-experiment', {'configurations': names}, device,
                                               command))
     exp.write_summary('simsiam', figures, results)

@@ -84,18 +84,13 @@ def test_samples_npz_is_uint8_nhwc_under_arr_0(tmp_path):
 
 
 # ---- SimSiam's epoch 0 ---------------------------------------------------------------------------------------------
-class _Folder:
-    def __init__(self):
-        self.rows = []
-
-    def log_metrics(self, row):
-        self.rows.append(row)
-
-
 class _Run:
     def __init__(self):
-        self.folder = _Folder()
+        self.rows = []
         self.ranks = train_simsiam.Ranks(device=torch.device('cpu'))
+
+    def log(self, row, figures=()):
+        self.rows.append(row)
 
 
 def test_initial_monitors_change_neither_the_model_nor_the_random_stream():
@@ -114,7 +109,7 @@ def test_initial_monitors_change_neither_the_model_nor_the_random_stream():
     assert torch.equal(torch.get_rng_state(), rng)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # batch-norm statistics included
-    (row,) = run.folder.rows
+    (row,) = run.rows
     assert row['epoch'] == 0 and row['lr'] is None and row['seconds'] == 0
     assert 0 < row['z_std'] <= 1 / 32 ** 0.5 + 1e-6 and -1 <= row['train_loss'] <= 1
     assert 0 <= row['knn_top1'] <= 100

@@ -59,7 +59,7 @@ def test_bench_times_the_drivers_step(driver, factory, args, monkeypatch):
     torch.manual_seed(0)
     defaults = driver.DEFAULTS
     if driver is train_simsiam:
-        _, _, fresh = real_build(bench.simsiam_settings(), defaults['lr'] * bench.BATCH / 256, torch.device('cpu'))
+        fresh = real_build(bench.simsiam_settings(), defaults['lr'] * bench.BATCH / 256, torch.device('cpu'))[-1]
         assert [g['fix_lr'] for g in optimizer.param_groups] == [False, True]
     elif driver is train_vae:
         _, _, fresh = real_build(dict(in_channels=3, encoder_features=train_vae.FEATURES,

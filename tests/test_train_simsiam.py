@@ -123,7 +123,8 @@ def test_variants_change_one_thing_each():
     base = train_simsiam.variant_settings(args, 'baseline')
     for name, change in train_simsiam.VARIANTS.items():
         settings = train_simsiam.variant_settings(args, name)
-        assert {k for k in settings if settings[k] != base[k]} == set(change), name
+        changed = {k for k in set(settings) | set(base) if settings.get(k) != base.get(k)}
+        assert changed == set(change), name   # what the variant declares, nothing else
 
 
 def test_missing_cifar_offline(tmp_path):
@@ -140,7 +141,7 @@ def test_experiment_all_writes_every_question(data_dir, tmp_path):
     assert results['dim4096']['dim'] == 4096 and results['identity-pred']['predictor'] == 'identity'
     assert results['fixed-random-pred']['predictor'] == 'fixed-random'
     summary = json.load(open(tmp_path / 'all' / 'summary.json'))
-    assert sorted(summary['figures']) == ['3.4', '3.5a', '3.5b']
+    assert sorted(summary['figures']) == ['3.4', '3.5a', '3.5b', '3.5c', '3.6', '3.7', '3.8', '3.9']
     for paths in summary['figures'].values():
         for rel in paths:
             assert (tmp_path / 'all' / rel).exists()
