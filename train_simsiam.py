@@ -15,7 +15,6 @@ import contextlib
 import copy
 import math
 import os
-import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -429,13 +428,13 @@ def save_question_figures(out, qid, names, logs, rate_line, scale=''):
         right.annotate(f'untrained network: {floor:.1f}%', (0, floor), fontsize=8, va='bottom')
     left.set_ylabel('loss: -cos(p, z)  (-1 = aligned)')
     if twin is not None:
-        twin.set_ylabel('Barlow Twins loss (dashed; 0 = identity correlation)')
+        twin.set_ylabel('Barlow Twins loss (dashed lines)')
     right.set_ylabel('kNN top-1 on the test set (%; chance 10)')
     _epoch_axes([left, right])
     handles = [h for ax in (left, twin) if ax is not None for h in ax.get_legend_handles_labels()[0]]
     fig.legend(handles, [h.get_label() for h in handles], loc='lower center', ncol=min(len(names), 5), frameon=False)
     fig.suptitle(f'{qid}: {title}' + (f'\n{scale}' if scale else ''), fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1), w_pad=3)
     curves = os.path.join(out, f'{qid}_loss_knn.png')
     fig.savefig(curves, dpi=110)
     plt.close(fig)
@@ -454,11 +453,12 @@ def save_collapse_figure(out, qid, names, logs, rate_line, scale):
     """The std of z/||z|| (0 = every image the same direction) beside the effective rank of the test embeddings
     (1 = one direction; a partial collapse keeps a spread in a few directions only)."""
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, name in enumerate(names):
         epochs = [r['epoch'] for r in logs[name]]
         left.plot(epochs, [r['z_std'] for r in logs[name]], marker='o', markersize=3, label=name, color=f'C{i}')
-        ranked = [r for r in logs[name] if r.get('erank') is not None]
+        ranked = [r for r in logs[name] if r.get('erank') is not None and r['epoch'] > 0]
         right.plot([r['epoch'] for r in ranked], [r['erank'] for r in ranked], marker='o', markersize=3,
                    color=f'C{i}')
     dims = sorted({rate_line[n] for n in names})
@@ -468,12 +468,16 @@ def save_collapse_figure(out, qid, names, logs, rate_line, scale):
     left.set_ylabel('std of z/||z|| over the batch (mean over dims)')
     highest = max([1 / math.sqrt(d) for d in dims] + [r['z_std'] for n in names for r in logs[n]])
     left.set_ylim(0, 1.25 * highest)
-    right.set_ylabel('effective rank of the test embeddings z')
+    right.set_ylabel('effective rank of the test embeddings z (log)')
     right.set_yscale('log')
+    right.yaxis.set_major_formatter(ScalarFormatter())
+    right.yaxis.set_minor_formatter(NullFormatter())
+    right.set_title('from epoch 1 (before training, the untrained batch norm\'s running statistics dominate)',
+                    fontsize=8)
     _epoch_axes([left, right])
     fig.legend(*left.get_legend_handles_labels(), loc='lower center', ncol=min(len(names), 5), frameon=False)
-    fig.suptitle('\n'.join([f'{qid}: collapse monitors (0 std, rank 1 = collapsed)', *textwrap.wrap(scale, 110)]),
-                 fontsize=10)
+    fig.suptitle(f'{qid}: collapse monitors (std 0 or rank 1 = collapsed)' + (f'\n{scale}' if scale else ''),
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = os.path.join(out, f'{qid}_collapse.png')
     fig.savefig(path, dpi=110)

@@ -38,6 +38,7 @@ DEFAULTS = dict(
 FEATURES = 32          # encoder and decoder base channels (the template's nef = ndf = 32)
 FIGURE_Z = 64          # fixed prior draws decoded in every 1.3b grid
 EVAL_BATCH = 500       # images per evaluation batch (memory only, not results)
+ACTIVE_UNIT = 0.01     # a latent unit is active when its posterior mean varies more than this over the data
 # what a --resume may change besides the common flags: what the final stage measures, not what trains
 RESUMABLE = RESUMABLE_COMMON | {'sample_every', 'll_k', 'profile_per_class'}
 NUM_PIXELS = 3 * 32 * 32
@@ -140,7 +141,68 @@ def save_latent_profiles(model, images, labels, per_class, folder, epoch):
     plt.close(fig)
     with open(folder.file('1.3e_latent_profiles.json'), 'w') as f:
         json.dump({'per_class': per_class, 'profile': profile.tolist(), 'top_dims': top}, f, indent=1)
-    return path
+    return path, profile
+
+
+@torch.no_grad()
+def posterior_mean_variance(model, images):
+    """Per latent dimension, the variance over `images` of the posterior mean E_q[z|x]: a unit is active when it
+    exceeds ACTIVE_UNIT (Burda et al. 2016, Sec. 5.2), i.e. when the encoder uses it to tell images apart."""
+    model.eval()
+    mu = torch.cat([model.encode(to_unit_range(images[b])).mean
+                    for b in batch_indices(len(images), EVAL_BATCH, shuffle=False, device=images.device)])
+    return mu.var(0).cpu()                                                      # (z,)
+
+
+def save_class_minus_mean(profile, variance, folder, epoch, *, n_images):
+    """1.3e, the offset removed: the mean over the ten digits of their profiles (what every digit shares), each
+    digit's profile minus it (what tells the digit apart) with its 3 largest dimensions, and the active units."""
+    plt = pyplot()
+    offset = profile.mean(0)                                                    # (z,)
+    specific = profile - offset                                                 # (10, z)
+    z_dim = profile.shape[1]
+    active = [d for d in range(z_dim) if variance[d] > ACTIVE_UNIT]
+    fig = plt.figure(figsize=(15, 8.2))
+    grid = fig.add_gridspec(3, 5)
+    top_axes = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2:])
+    top_axes[0].bar(range(z_dim), offset.numpy(), color='tab:gray')
+    top_axes[0].set_title('offset: the mean of the ten digit profiles', fontsize=10)
+    top_axes[0].set_ylabel('mean of posterior means', fontsize=8)
+    top_axes[1].bar(range(z_dim), variance.numpy(), color=['tab:green' if d in active else 'tab:gray'
+                                                           for d in range(z_dim)])
+    top_axes[1].axhline(ACTIVE_UNIT, color='black', linestyle='--', linewidth=0.8)
+    top_axes[1].set_yscale('log')
+    top_axes[1].set_title(f'{len(active)} of {z_dim} units active (green): variance of the posterior mean over the '
+                          f'{n_images:,} training images > {ACTIVE_UNIT}', fontsize=10)
+    top_axes[1].set_ylabel('variance (log scale)', fontsize=8)
+    limit = 1.1 * float(specific.abs().max())
+    marks = {}
+    for digit in range(10):
+        ax = fig.add_subplot(grid[1 + digit // 5, digit % 5])
+        values = specific[digit]
+        spikes = values.abs().argsort(descending=True)[:3].tolist()
+        marks[digit] = [[d, round(float(values[d]), 4)] for d in spikes]
+        ax.bar(range(z_dim), values.numpy(), color=['tab:red' if d in spikes else 'tab:blue' for d in range(z_dim)])
+        for d in spikes:
+            ax.annotate(str(d), (d, float(values[d])), ha='center', fontsize=7,
+                        va='bottom' if values[d] >= 0 else 'top')
+        ax.axhline(0, color='black', linewidth=0.5)
+        ax.set_ylim(-limit, limit)
+        ax.set_title(f'digit {digit} minus the offset', fontsize=9)
+        if digit % 5 == 0:
+            ax.set_ylabel('difference', fontsize=8)
+    for ax in (*top_axes, *fig.axes[2:]):
+        ax.set_xlabel('latent dimension', fontsize=8)
+    fig.suptitle(f'Latent profiles with the shared offset removed, epoch {epoch} (red, numbered: each digit\'s 3 '
+                 f'largest |difference|)', fontsize=11)
+    fig.tight_layout()
+    path = folder.file('1.3e_class_minus_mean.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    with open(folder.file('1.3e_class_minus_mean.json'), 'w') as f:
+        json.dump({'offset': offset.tolist(), 'top_dims': marks, 'posterior_mean_variance': variance.tolist(),
+                   'active_units': active}, f, indent=1)
+    return path, len(active)
 
 
 @torch.no_grad()
@@ -241,7 +303,7 @@ def setup_study(args, command, ranks):
     model_config = dict(in_channels=vae_solution.input_channels, encoder_features=FEATURES,
                         decoder_features=FEATURES, z_dim=args.z_dim, input_size=vae_solution.image_size)
     config = make_config(args, 'vae', model_config, device, command,
-                         constants=dict(figure_z=FIGURE_Z, eval_batch=EVAL_BATCH))
+                         constants=dict(figure_z=FIGURE_Z, eval_batch=EVAL_BATCH, active_unit=ACTIVE_UNIT))
     run = TrainingRun(ranks, args, config, RESUMABLE)
     model, step_model, optimizer = build(model_config, args.lr, device, ranks, args.compile)
     run.resume(model, optimizer, figures={'1.3b': [], '1.3c': []})
@@ -312,8 +374,11 @@ def final_stage(study):
                                        f'64 samples from the VAE after {epoch} epochs '
                                        f'(decoder mean of z ~ N(0,I))')]
     run.folder.save_samples(samples)
-    figures['1.3e'] = [save_latent_profiles(model, study.train_x, study.train_y, args.profile_per_class,
-                                            run.folder, epoch)]
+    profiles, profile = save_latent_profiles(model, study.train_x, study.train_y, args.profile_per_class,
+                                             run.folder, epoch)
+    minus_mean, active_units = save_class_minus_mean(profile, posterior_mean_variance(model, study.train_x),
+                                                     run.folder, epoch, n_images=len(study.train_x))
+    figures['1.3e'] = [profiles, minus_mean]
     figures['1.3f'] = [save_interpolations(study, epoch)]
     ll = test_log_likelihood(model, study.test_x, args.ll_k)
     last = rows[-1]
@@ -321,6 +386,7 @@ def final_stage(study):
                    final_train_loss=last['train_loss'], final_test_neg_elbo=last['test_neg_elbo'],
                    final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
                    test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
+                   active_units=active_units,
                    **time_metrics(rows), device=run.config['device_name'])
     run.write_summary('vae', figures, metrics)
     return metrics

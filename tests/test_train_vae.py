@@ -59,6 +59,32 @@ def test_every_figure_and_metric(two_epoch_run):
     assert 'git_commit' in config and config['command'].startswith('python train_vae.py')
     profile = json.load(open(out / '1.3e_latent_profiles.json'))
     assert len(profile['profile']) == 10 and len(profile['profile'][0]) == 32
+    assert summary['figures']['1.3e'] == ['1.3e_latent_profiles.png', '1.3e_class_minus_mean.png']
+    minus = json.load(open(out / '1.3e_class_minus_mean.json'))
+    offset = torch.tensor(profile['profile']).mean(0)   # the mean of the ten digit profiles
+    assert torch.allclose(torch.tensor(minus['offset']), offset, atol=1e-6)
+    for digit, marks in minus['top_dims'].items():   # each digit's largest |profile - offset|
+        diff = torch.tensor(profile['profile'][int(digit)]) - offset
+        assert [d for d, _ in marks] == diff.abs().argsort(descending=True)[:3].tolist()
+
+
+def test_active_units_count_the_posterior_means_that_vary(data_dir, two_epoch_run):
+    """Burda et al.'s active units, recounted from the checkpoint on the same training images."""
+    import vae_solution
+    from studylib.data import load_split
+    from studylib.run import load_checkpoint
+    out, metrics = two_epoch_run
+    ckpt = load_checkpoint(str(out / 'checkpoint.pt'))
+    model = vae_solution.VAE(**ckpt['model_config'], device='cpu')
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    images, _ = load_split('svhn', data_dir, 'train', False, 160)
+    with torch.no_grad():
+        mu = model.encode(images.float() / 127.5 - 1).mean.double()           # (160, 32)
+    variance = ((mu - mu.mean(0)) ** 2).sum(0) / (len(mu) - 1)
+    assert metrics['active_units'] == int((variance > 0.01).sum())
+    saved = json.load(open(out / '1.3e_class_minus_mean.json'))
+    assert saved['active_units'] == [d for d in range(32) if variance[d] > 0.01]
 
 
 def test_checkpoint_rebuilds_the_model_without_the_driver(two_epoch_run):
