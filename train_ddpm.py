@@ -7,9 +7,10 @@
 
 Figures (question ids of the seed): 2.2a training and sampling time, 2.2b samples during training, 2.2c the t'
 sweep (test images noised to t' and restored by the reverse process from t'), 2.2d final samples (beside the VAE's
-with --compare-vae). t* is the first t' whose restorations have lost half of their fidelity: the first t' where
-the mean PSNR of restored vs original falls below the midpoint between the PSNR at the smallest t' and the PSNR
-of unrelated image pairs (each test image against another one). Sample quality (studylib.digit_net): the Frechet
+with --compare-vae). t* is the first t' whose restorations have lost the digit half way: the first t' where the
+share of restorations that the digit classifier (studylib.digit_net) still reads as the original digit falls below
+the midpoint between its accuracy on the clean images and on unrelated ones (each image's label against another
+image), over --sweep-images test images; the PSNR of the restorations is reported beside it. Sample quality (studylib.digit_net): the Frechet
 distance of a small SVHN digit classifier's features between the final samples and the first test images, and its
 confidence, for the DDPM, the VAE and, to calibrate, as many training images; the classifier is trained (or loaded
 from its cache, studylib.digit_net.cache_dir()) before the DDPM trains, so that a problem with it shows at once.
@@ -27,7 +28,7 @@ from tqdm import tqdm
 import ddpm_solution
 from studylib import UserError
 from studylib.data import load_split, to_unit_range
-from studylib.digit_net import digit_quality, inception_fd, load_or_train
+from studylib.digit_net import accuracy, digit_quality, inception_fd, load_or_train
 from studylib.plots import grid_array, pyplot, save_image_grid, save_time_figure
 from studylib.run import (RESUMABLE_COMMON, make_config, make_parser, parse_with_recipe, positive_int, recipe_help,
                           seed_everything, time_metrics)
@@ -43,13 +44,15 @@ DEFAULTS = dict(
     timesteps=ddpm_solution.T,                   # diffusion steps T (1000); betas linear from 1e-4 to 0.02
     ema_decay=0.995,                             # weight EMA per step (a horizon of ~200 steps); 0 = none
     sample_every=5,                              # epochs between the 2.2b sample grids
+    sweep_images=256,                            # test images noised and restored in the 2.2c sweep (t*)
     num_samples=64,                              # images per sampled batch (figures, timing, quality)
     sampler='ddpm',                              # the 2.2b/2.2d sampler: the exact T-step chain, as the template
     sample_steps=50,                             # DDIM steps when sampler is ddim
     clip_denoised=False,                         # x_0 clipped to [-1, 1] at every sampling step (not in the template)
 )
 DIM, DIM_MULTS = 32, (1, 2, 4, 8)   # U-Net base channels and their multiplier per resolution (the template's)
-SWEEP_IMAGES = 8                    # test images noised and restored in the 2.2c sweep
+SWEEP_GRID = 8                      # of the 2.2c sweep's test images, those shown in its grid
+SWEEP_BATCH = 1024                  # images per reverse step of the sweep (memory only, not results)
 QUALITY_REFERENCE = 2000            # test images the sample-quality measure compares against
 RECIPES = {
     'assignment': {},   # the template's settings, sampled as the template samples
@@ -59,7 +62,7 @@ RECIPES = {
 }
 # what a --resume may change besides the common flags: how the run samples and reports, not what it trains
 RESUMABLE = RESUMABLE_COMMON | {'inception_fid', 'compare_vae', 'sample_every', 'num_samples', 'sampler',
-                                'sample_steps', 'clip_denoised', 't_primes'}
+                                'sample_steps', 'clip_denoised', 't_primes', 'sweep_images'}
 
 
 def parse_t_primes(text):
@@ -73,9 +76,9 @@ def parse_t_primes(text):
 
 
 def default_t_primes(timesteps):
-    """5%, 10%, 20%, ..., 90% of T and the last step T-1: dense where restorations still resemble the input."""
-    return sorted({round(f * timesteps) for f in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
-                  | {timesteps - 1})
+    """Every 5% of T up to 60%, then 70%, 80%, 90% and the last step T-1: dense where the digit is lost."""
+    fractions = [k / 20 for k in range(1, 13)] + [0.7, 0.8, 0.9]
+    return sorted({round(f * timesteps) for f in fractions} | {timesteps - 1})
 
 
 def build_parser():
@@ -91,10 +94,13 @@ def build_parser():
     ddpm.add_argument('--num-samples', type=positive_int,
                       help='images per sampled batch (2.2b, 2.2d, sampling time, quality)')
     ddpm.add_argument('--t-primes', type=parse_t_primes, default=None, metavar='T1,T2,...',
-                      help="noise levels t' (0-based step indices < T) of the 2.2c sweep; "
-                           "default: 5%%, 10%%, 20%%, ..., 90%% of T and T-1. t* is the first t' whose mean "
-                           "restoration PSNR falls below the midpoint between the PSNR at the smallest t' and the "
-                           "PSNR of unrelated test-image pairs")
+                      help="noise levels t' (0-based step indices < T) of the 2.2c sweep; default: every 5%% of T "
+                           "to 60%%, then 70%%, 80%%, 90%% and T-1. t* is the first t' where the share of "
+                           "restorations the digit classifier reads as the original digit falls below the midpoint "
+                           "between its accuracy on the clean images and on unrelated ones")
+    ddpm.add_argument('--sweep-images', type=positive_int,
+                      help="test images noised and restored at each t' of the 2.2c sweep (at most the test images; "
+                           "the reverse passes cost about their number times the sum of the t')")
     ddpm.add_argument('--compare-vae', default=None, metavar='RUN_DIR',
                       help='a train_vae.py run folder: its samples are shown beside the DDPM ones in 2.2d')
     ddpm.add_argument('--ema-decay', type=float,
@@ -191,16 +197,19 @@ def t_prime_sweep(diffusion, model, x0, t_primes, seed):
         noised = diffusion.q_sample(x0.repeat(k, 1, 1, 1), start)                        # (k*B, C, H, W)
         x = noised.clone()
         for i in tqdm(reversed(range(max(t_primes) + 1)), total=max(t_primes) + 1, desc="t' sweep", leave=False):
-            active = start >= i
-            t = torch.full((int(active.sum()),), i, device=x.device, dtype=torch.long)
-            x[active] = diffusion.p_sample(model, x[active], t, i)
+            active = torch.nonzero(start >= i).flatten()
+            for rows in active.split(SWEEP_BATCH):
+                t = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
+                x[rows] = diffusion.p_sample(model, x[rows], t, i)
     return noised.view(k, b, *x0.shape[1:]), x.view(k, b, *x0.shape[1:])
 
 
-def choose_t_star(t_primes, restored_psnr, chance_psnr):
-    """First t' whose mean restoration PSNR is below the midpoint of the best one and the chance level."""
-    threshold = (restored_psnr[0] + chance_psnr) / 2
-    for t_prime, value in zip(t_primes, restored_psnr):
+def choose_t_star(t_primes, values, chance, start=None):
+    """(t*, threshold): the first t' whose value (the restorations' digit accuracy, or their PSNR) is below the
+    midpoint of `start` (the clean images' accuracy; by default the value at the smallest t') and `chance` (the
+    value of unrelated images); the last t' when none is."""
+    threshold = ((values[0] if start is None else start) + chance) / 2
+    for t_prime, value in zip(t_primes, values):
         if value < threshold:
             return t_prime, threshold
     return t_primes[-1], threshold
@@ -228,6 +237,7 @@ class Study:
     amp: bool
     train_x: torch.Tensor
     test_x: torch.Tensor
+    test_y: torch.Tensor        # labels 0-9 of test_x (CPU): the 2.2c sweep asks the digit classifier about them
     reference: torch.Tensor     # float test images in [-1, 1] the digit FD compares samples against
     digit_net: tuple = None     # (net, info) on rank 0; None elsewhere
     vae: tuple = None           # (model, epoch) of --compare-vae
@@ -271,16 +281,16 @@ def draw_samples(study, n, seed, sampler=None, steps=None):
 def load_data(args, ranks):
     """The SVHN images as uint8 tensors, checked against every flag that needs images, before any writing."""
     train_x, _ = load_split('svhn', args.data_dir, 'train', not args.no_download, args.limit_train)
-    test_x, _ = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
+    test_x, test_y = load_split('svhn', args.data_dir, 'test', not args.no_download, args.limit_test)
     if args.batch_size > len(train_x):
         raise UserError(f'--batch-size {args.batch_size} is larger than the {len(train_x)} training images')
     check_batch(ranks, args.batch_size)
-    if len(test_x) < 2 * SWEEP_IMAGES:
-        raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_IMAGES} test images, got {len(test_x)}')
+    if len(test_x) < 2 * SWEEP_GRID:
+        raise UserError(f'the 2.2c sweep needs at least {2 * SWEEP_GRID} test images, got {len(test_x)}')
     if args.inception_fid:   # fail now, not after hours of training, when torch-fidelity or the weights are missing
         few = to_unit_range(test_x[:4])
         inception_fd(few[:2], few[2:])
-    return train_x, test_x
+    return train_x, test_x, test_y
 
 
 def setup_study(args, command, ranks):
@@ -289,13 +299,13 @@ def setup_study(args, command, ranks):
     device = ranks.device
     seed_everything(args.seed)
     vae = load_vae(args.compare_vae, device) if args.compare_vae else None   # fail early on a bad folder
-    train_x, test_x = load_data(args, ranks)
+    train_x, test_x, test_y = load_data(args, ranks)
     digit_net = load_or_train(args.data_dir, device, not args.no_download) if ranks.is_main else None
     model_config = dict(dim=DIM, channels=ddpm_solution.input_channels, dim_mults=list(DIM_MULTS))
     diffusion_config = dict(timesteps=args.timesteps, beta_start=ddpm_solution.beta_start,
                             beta_end=ddpm_solution.beta_end)
     config = make_config(args, 'ddpm', {**model_config, **diffusion_config}, device, command,
-                         constants=dict(sweep_images=SWEEP_IMAGES, quality_reference=QUALITY_REFERENCE))
+                         constants=dict(sweep_grid=SWEEP_GRID, quality_reference=QUALITY_REFERENCE))
     run = TrainingRun(ranks, args, config, RESUMABLE)
     parts = build(model_config, diffusion_config, args.lr, device, ranks, args.compile)
     state = run.resume(parts.model, parts.optimizer, figures={'2.2b': []}, sample_seconds=None, ema=None)
@@ -304,7 +314,7 @@ def setup_study(args, command, ranks):
     print(f'U-Net: {sum(p.numel() for p in parts.model.parameters()):,} parameters; T={args.timesteps}; '
           f'{len(train_x)} train / {len(test_x)} test images on {device}')
     train_x, test_x = train_x.to(device), test_x.to(device)   # whole dataset on the device as uint8
-    return Study(args, run, parts, ema, use_amp(args.amp, device), train_x, test_x,
+    return Study(args, run, parts, ema, use_amp(args.amp, device), train_x, test_x, test_y,
                  reference=to_unit_range(test_x[:QUALITY_REFERENCE]), digit_net=digit_net, vae=vae)
 
 
@@ -406,29 +416,52 @@ def save_final_samples(study, samples, epoch, quality):
 
 @dataclass
 class Sweep:
-    """The 2.2c result: t* and the PSNRs it is chosen from."""
+    """The 2.2c result: t* (the digit classifier's rule), the accuracies it is chosen from, and the PSNR rule's t*
+    beside it (accuracies in %, PSNRs in dB, means over `images` test images)."""
     t_primes: list
+    images: int
     t_star: int
     threshold: float
-    chance: float
+    clean_accuracy: float
+    chance_accuracy: float
+    restored_accuracy: list
+    noised_accuracy: list
+    t_star_psnr: int
+    threshold_psnr: float
+    chance_psnr: float
     restored_psnr: list
     noised_psnr: list
 
+    def metrics(self):
+        return dict(t_star=self.t_star, t_star_threshold=self.threshold, sweep_images=self.images,
+                    clean_digit_accuracy=self.clean_accuracy, chance_digit_accuracy=self.chance_accuracy,
+                    restored_digit_accuracy=self.restored_accuracy, noised_digit_accuracy=self.noised_accuracy,
+                    t_star_psnr=self.t_star_psnr, t_star_threshold_psnr=self.threshold_psnr,
+                    chance_psnr=self.chance_psnr, t_primes=self.t_primes, restored_psnr=self.restored_psnr,
+                    noised_psnr=self.noised_psnr)
+
 
 def restoration_sweep(study, epoch):
-    """2.2c: test images noised to each t' and restored from t'; t* where the restorations lose half their
-    fidelity (see choose_t_star). Returns the Sweep and its two figures."""
-    args, test_x = study.args, study.test_x
-    x0 = to_unit_range(test_x[:SWEEP_IMAGES])
+    """2.2c: test images noised to each t' and restored from t'; t* where the restorations have lost the digit half
+    way (choose_t_star on the digit classifier's accuracy), the PSNR rule beside it. Returns the Sweep and its two
+    figures."""
+    args, net = study.args, study.digit_net[0]
+    n = min(args.sweep_images, len(study.test_x))
+    x0, labels = to_unit_range(study.test_x[:n]), study.test_y[:n]                  # labels on the CPU
     noised, restored = t_prime_sweep(study.parts.diffusion, study.sample_model, x0, args.t_primes, args.seed)
-    chance = float(psnr(x0, to_unit_range(test_x[SWEEP_IMAGES:2 * SWEEP_IMAGES])).mean())
-    restored_psnr = [float(psnr(r, x0).mean()) for r in restored]
-    t_star, threshold = choose_t_star(args.t_primes, restored_psnr, chance)
-    sweep = Sweep(args.t_primes, t_star, threshold, chance, restored_psnr,
-                  noised_psnr=[float(psnr(n, x0).mean()) for n in noised])
+    unrelated = x0.roll(1, 0)   # each image's label against another test image
+    clean, chance = accuracy(net, x0, labels), accuracy(net, unrelated, labels)
+    restored_accuracy = [accuracy(net, r.clamp(-1, 1), labels) for r in restored]
+    restored_psnr, chance_psnr = [float(psnr(r, x0).mean()) for r in restored], float(psnr(x0, unrelated).mean())
+    t_star, threshold = choose_t_star(args.t_primes, restored_accuracy, chance, start=clean)
+    t_star_psnr, threshold_psnr = choose_t_star(args.t_primes, restored_psnr, chance_psnr)
+    sweep = Sweep(args.t_primes, n, t_star, threshold, clean, chance, restored_accuracy,
+                  [accuracy(net, v.clamp(-1, 1), labels) for v in noised], t_star_psnr, threshold_psnr, chance_psnr,
+                  restored_psnr, [float(psnr(v, x0).mean()) for v in noised])
     title = f'T={args.timesteps}, epoch {epoch}'
-    return sweep, [save_sweep_grid(study.run.folder, x0, noised, restored, sweep, title),
-                   save_sweep_curve(study.run.folder, sweep, len(x0), title)]
+    grid = min(SWEEP_GRID, n)
+    return sweep, [save_sweep_grid(study.run.folder, x0[:grid], noised[:, :grid], restored[:, :grid], sweep, title),
+                   save_sweep_curve(study.run.folder, sweep, title)]
 
 
 def save_sweep_grid(folder, x0, noised, restored, sweep, title):
@@ -441,21 +474,34 @@ def save_sweep_grid(folder, x0, noised, restored, sweep, title):
                            f"({title}); t*={sweep.t_star}", nrow=len(x0), row_labels=labels)
 
 
-def save_sweep_curve(folder, sweep, n_images, title):
-    """2.2c's PSNR curve, with the chance level, the threshold and t* marked."""
+def save_sweep_curve(folder, sweep, title):
+    """2.2c's curves, full width: the share of restorations read as the original digit (t* from it) and their
+    PSNR (with that rule's t*), each with its chance level and threshold."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(sweep.t_primes, sweep.restored_psnr, marker='o', label='restored vs original')
-    ax.plot(sweep.t_primes, sweep.noised_psnr, marker='s', linestyle=':', label="noised x_t' vs original")
-    ax.axhline(sweep.chance, color='gray', linestyle='--', label=f'unrelated test pairs ({sweep.chance:.1f} dB)')
-    ax.axhline(sweep.threshold, color='tab:red', linestyle=':', linewidth=1,
-               label=f't* threshold ({sweep.threshold:.1f} dB)')
-    ax.axvline(sweep.t_star, color='tab:red', label=f't* = {sweep.t_star}')
-    ax.set_xlabel("t' (0-based diffusion step the images are noised to)")
-    ax.set_ylabel(f'PSNR to the original (dB), mean of {n_images} images')
-    ax.set_title(f"Restoration from t' ({title})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.plot(sweep.t_primes, sweep.restored_accuracy, marker='o', label='restored: read as the original digit')
+    left.plot(sweep.t_primes, sweep.noised_accuracy, marker='s', linestyle=':', label="noised x_t': the same")
+    left.axhline(sweep.clean_accuracy, color='tab:green', linestyle='--', linewidth=1,
+                 label=f'clean images ({sweep.clean_accuracy:.1f}%)')
+    left.axhline(sweep.chance_accuracy, color='gray', linestyle='--',
+                 label=f'unrelated images ({sweep.chance_accuracy:.1f}%)')
+    left.axhline(sweep.threshold, color='tab:red', linestyle=':', linewidth=1, label=f'midpoint ({sweep.threshold:.1f}%)')
+    left.axvline(sweep.t_star, color='tab:red', label=f't* = {sweep.t_star}')
+    left.set_ylabel(f'digit classifier: original label kept (%, {sweep.images} images)')
+    left.set_title("t*: the digit is lost half way", fontsize=10)
+    right.plot(sweep.t_primes, sweep.restored_psnr, marker='o', label='restored vs original')
+    right.plot(sweep.t_primes, sweep.noised_psnr, marker='s', linestyle=':', label="noised x_t' vs original")
+    right.axhline(sweep.chance_psnr, color='gray', linestyle='--', label=f'unrelated pairs ({sweep.chance_psnr:.1f} dB)')
+    right.axhline(sweep.threshold_psnr, color='tab:red', linestyle=':', linewidth=1,
+                  label=f'midpoint ({sweep.threshold_psnr:.1f} dB)')
+    right.axvline(sweep.t_star_psnr, color='tab:red', linestyle='-.', label=f'PSNR rule: t = {sweep.t_star_psnr}')
+    right.set_ylabel(f'PSNR to the original (dB), mean of {sweep.images} images')
+    right.set_title('the same restorations by PSNR', fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("t' (0-based diffusion step the images are noised to)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5)
+    fig.suptitle(f"2.2c: restoration from t' by the reverse process ({title})", fontsize=11)
     fig.tight_layout()
     curve = folder.file('2.2c_tprime_psnr.png')
     fig.savefig(curve, dpi=110)
@@ -525,8 +571,7 @@ def final_stage(study):
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(study.train_x), num_test=len(study.test_x),
                    final_train_loss=rows[-1]['train_loss'], **time_metrics(rows),
                    sample_seconds=sample_seconds, sample_batch=args.num_samples,
-                   t_star=sweep.t_star, t_star_threshold_psnr=sweep.threshold, chance_psnr=sweep.chance,
-                   t_primes=args.t_primes, restored_psnr=sweep.restored_psnr, noised_psnr=sweep.noised_psnr,
+                   **sweep.metrics(),
                    **quality.metrics(), quality_samples=len(samples), quality_reference=len(study.reference),
                    digit_net_test_accuracy=study.digit_net[1]['test_accuracy'], samplers=samplers,
                    sampler=study.sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,

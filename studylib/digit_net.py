@@ -7,13 +7,19 @@ file content (digit_net-<sha256 prefix>.pt). Nothing is written into the data fo
 written only means the net is trained for this run alone. digit_quality(net, samples, reference) gives
 
 - digit_fd: the Frechet distance between Gaussians fitted to DigitNet's 128 penultimate features of the samples
-  and of the reference images (computed by torchmetrics' FrechetInceptionDistance with DigitNet as its feature
-  extractor). Lower is better, 0 for identical statistics. It sees digit shape and identity, not only colour and
-  layout;
+  and of the reference images (computed by torchmetrics' FrechetInceptionDistance on DigitNet's features).
+  Lower is better, 0 for identical statistics. It sees digit shape and identity, not only colour and layout;
 - digit_confidence: the mean largest class probability (higher: the samples look more like some digit);
 - digit_entropy: the mean predictive entropy in nats (lower is better; ln 10 = 2.30 is a uniform guess);
 - digit_score: exp(E_x KL(p(y|x) || p(y))), the Inception Score computed with DigitNet (higher is better, at most
   10: confident about each sample, and all ten digits across samples).
+- digit_kid, digit_kid_std: the Kernel Inception Distance (Binkowski et al. 2018) on the same features: the
+  unbiased MMD^2 under the kernel (x.y / 128 + 1)^3, mean and spread over 100 random subsets of up to 500 images
+  of each set (kernel_distance; 500, not the paper's 1000, so that 1,000 samples still give a spread). Lower is
+  better, 0 in expectation for samples of the reference distribution (it can come out negative); unlike the FD's,
+  its expectation does not depend on the set sizes. Each subset holds all of a set of 500 images or fewer: with
+  two such sets digit_kid_std is 0, for it is the subsets' spread, not the estimate's sampling error (two draws of
+  the samples show that, as for the FD).
 
 The numbers are only comparable between sample sets of the same size against the same reference set, judged by
 the same cached net: the FD estimate is biased upwards for small sets (by roughly tr(C) / N), and another net
@@ -247,6 +253,28 @@ class _FeatureExtractor(nn.Module):
         return self.fn(x).double()
 
 
+def _identity(x):
+    return x
+
+
+def _batched_features(features, images, batch_size, device):
+    """features(batch) for each batch of `batch_size` images, moved to `device`: (N, num_features) float64 there."""
+    return torch.cat([features(images[i:i + batch_size].to(device)).double()
+                      for i in range(0, len(images), batch_size)])
+
+
+def _frechet_of_features(samples, reference, num_features, batch_size):
+    """The torchmetrics Frechet distance of two precomputed (N, num_features) feature sets, fed in batches of
+    `batch_size` (the metric's float64 sums then see the same batches as when it extracts the features itself)."""
+    # sync_on_compute=False: under torchrun, rank 0 alone measures; the metric must not wait for the others
+    metric = _fid_metric_class()(feature=_FeatureExtractor(_identity, num_features),
+                                 sync_on_compute=False).to(samples.device)
+    for real, feats in ((True, reference), (False, samples)):
+        for batch in feats.split(batch_size):
+            metric.update(batch, real=real)
+    return metric.compute().item()
+
+
 @torch.no_grad()
 def feature_fd(features, num_features, samples, reference, batch_size=EVAL_BATCH, device=None):
     """Frechet distance between Gaussians fitted to features(samples) and features(reference), by torchmetrics.
@@ -254,18 +282,54 @@ def feature_fd(features, num_features, samples, reference, batch_size=EVAL_BATCH
     `features` maps a batch (B, ...) to (B, num_features); batches of `batch_size` go to `device` (by default
     the samples' device)."""
     device = torch.device(device) if device is not None else samples.device
-    # sync_on_compute=False: under torchrun, rank 0 alone measures; the metric must not wait for the others
-    metric = _fid_metric_class()(feature=_FeatureExtractor(features, num_features), sync_on_compute=False).to(device)
-    for real, images in ((True, reference), (False, samples)):
-        for i in range(0, len(images), batch_size):
-            metric.update(images[i:i + batch_size].to(device), real=real)
-    return metric.compute().item()
+    feats = [_batched_features(features, x, batch_size, device) for x in (samples, reference)]
+    return _frechet_of_features(*feats, num_features, batch_size)
+
+
+def _unbiased_mmd2(x, y):
+    """The unbiased estimate of MMD^2 between two (m, d) sets under k(x, y) = (x.y / d + 1)^3: the within-set
+    means leave out the diagonal k(x_i, x_i), the cross mean keeps every pair (Binkowski et al. 2018)."""
+    m, d = x.shape
+    k_xx, k_yy, k_xy = ((u @ v.T / d + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * k_xy.mean()
 
 
 @torch.no_grad()
-def digit_quality(net, samples, reference, batch_size=EVAL_BATCH):
-    """digit_fd, digit_confidence, digit_entropy and digit_score (see the module docstring) of `samples`
-    against `reference`, both float (N, 3, 32, 32) in [-1, 1].
+def kernel_distance(features_a, features_b, *, subsets=100, subset_size=1000, generator=None):
+    """The Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs") of two (N, d) feature sets:
+    (mean, std) as Python floats of the unbiased MMD^2 estimate under the cubic polynomial kernel
+    k(x, y) = (x.y / d + 1)^3 over `subsets` random subsets.
+
+    Each subset takes min(subset_size, len(features_a), len(features_b)) rows of each set, drawn without
+    replacement (a fresh draw per subset), in float64 on the features' device. std is the population standard
+    deviation over the subsets (correction=0, as torchmetrics' KernelInceptionDistance reports it): the spread
+    of the subset estimates, not a standard error of the mean. When both sets fit in one subset, every subset is
+    the pair of whole sets (the estimate does not depend on the row order): it is computed once, std 0. The
+    estimate is unbiased, so it can be negative; 0 in expectation for one distribution. The draws use
+    `generator` (a CPU torch.Generator; default: a fresh one seeded 0), never the global RNG."""
+    a, b = torch.as_tensor(features_a).double(), torch.as_tensor(features_b).double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f'need two (N, d) feature sets with the same d, got {tuple(a.shape)} and {tuple(b.shape)}')
+    m = min(subset_size, len(a), len(b))
+    if m < 2 or subsets < 1:
+        raise ValueError(f'the unbiased KID needs subsets of at least 2 rows and at least 1 subset, got '
+                         f'{m} rows (sets of {len(a)} and {len(b)}, subset_size {subset_size}), {subsets} subsets')
+    if m == len(a) == len(b):
+        return _unbiased_mmd2(a, b).item(), 0.0
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    values = torch.stack([_unbiased_mmd2(a[torch.randperm(len(a), generator=g)[:m].to(a.device)],
+                                         b[torch.randperm(len(b), generator=g)[:m].to(b.device)])
+                          for _ in range(subsets)])
+    return values.mean().item(), values.std(correction=0).item()
+
+
+@torch.no_grad()
+def digit_quality(net, samples, reference, batch_size=EVAL_BATCH, *, kid_subsets=100, kid_subset_size=500):
+    """digit_fd, digit_confidence, digit_entropy, digit_score, digit_kid and digit_kid_std (see the module
+    docstring) of `samples` against `reference`, both float (N, 3, 32, 32) in [-1, 1]. The FD and the KID are
+    computed on one extraction of the features; kid_subsets and kid_subset_size go to kernel_distance (its seed-0
+    default generator: the same sets give the same KID).
 
     Both sets are clamped to [-1, 1] first: a sampler whose pixels overshoot is judged by the images it produces.
     The net runs in eval mode; its mode is restored afterwards."""
@@ -274,7 +338,7 @@ def digit_quality(net, samples, reference, batch_size=EVAL_BATCH):
     was_training = net.training
     net.eval()
     try:
-        fd = feature_fd(net.features, net.num_features, samples, reference, batch_size, device)
+        feats = [_batched_features(net.features, x, batch_size, device) for x in (samples, reference)]
         logits = torch.cat([net(samples[i:i + batch_size].to(device)).double().cpu()
                             for i in range(0, len(samples), batch_size)])
     finally:
@@ -283,10 +347,12 @@ def digit_quality(net, samples, reference, batch_size=EVAL_BATCH):
     p = log_p.exp()
     log_marginal = p.mean(0).log()                  # log p(y), the class mix over the whole sample set
     kl = (p * (log_p - log_marginal)).sum(1)        # KL(p(y|x) || p(y)) per sample
-    return dict(digit_fd=fd,
+    kid, kid_std = kernel_distance(*feats, subsets=kid_subsets, subset_size=kid_subset_size)
+    return dict(digit_fd=_frechet_of_features(*feats, net.num_features, batch_size),
                 digit_confidence=p.max(1).values.mean().item(),
                 digit_entropy=-(p * log_p).sum(1).mean().item(),
-                digit_score=math.exp(kl.mean().item()))
+                digit_score=math.exp(kl.mean().item()),
+                digit_kid=kid, digit_kid_std=kid_std)
 
 
 def inception_fd(samples, reference, batch_size=100, device='cpu', weights_path=None):

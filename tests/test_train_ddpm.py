@@ -54,6 +54,13 @@ def test_every_figure_and_the_t_star_metric(ddpm_runs):
     assert m == t10 and m['timesteps'] == 10 and m['epochs'] == 2
     assert m['t_primes'] == train_ddpm.default_t_primes(10) and m['t_star'] in m['t_primes']
     assert len(m['restored_psnr']) == len(m['t_primes']) == len(m['noised_psnr'])
+    # t* is the first t' whose restorations keep the digit (by the classifier) below the midpoint of clean and
+    # unrelated images; the sweep used every one of the 16 test images (--sweep-images 256 caps at the test set)
+    assert m['sweep_images'] == 16 and len(m['restored_digit_accuracy']) == len(m['t_primes'])
+    assert m['t_star_threshold'] == pytest.approx((m['clean_digit_accuracy'] + m['chance_digit_accuracy']) / 2)
+    below = [t for t, a in zip(m['t_primes'], m['restored_digit_accuracy']) if a < m['t_star_threshold']]
+    assert m['t_star'] == (below[0] if below else m['t_primes'][-1])
+    assert all(a in [100 * k / 16 for k in range(17)] for a in m['restored_digit_accuracy'])   # shares of 16
     assert m['sample_seconds'] > 0 and m['sample_batch'] == 4
     for prefix in ('', 'vae_', 'reference_'):   # the DDPM's, the VAE's and the training images' quality
         assert m[prefix + 'digit_fd'] >= 0 and 0.1 <= m[prefix + 'digit_confidence'] <= 1
@@ -145,7 +152,7 @@ def test_missing_data_offline(tmp_path):
 
 
 def test_choose_t_star_is_the_first_crossing_of_the_midpoint():
-    t, threshold = train_ddpm.choose_t_star([10, 20, 30, 40], [30.0, 25.0, 19.0, 12.0], chance_psnr=10.0)
+    t, threshold = train_ddpm.choose_t_star([10, 20, 30, 40], [30.0, 25.0, 19.0, 12.0], chance=10.0)
     assert threshold == 20.0 and t == 30
     assert train_ddpm.choose_t_star([1, 2], [30.0, 29.0], 10.0)[0] == 2   # never crosses: the last t'
 
@@ -276,7 +283,7 @@ def test_a_recipe_run_records_what_ran(data_dir, tmp_path):
     config = json.load(open(out / 'config.json'))
     ran = {k: config['args'][k] for k in ('recipe', 'batch_size', 'lr', 'sampler', 'clip_denoised', 'ema_decay')}
     assert ran == dict(recipe='cpu', batch_size=16, lr=5e-4, sampler='ddim', clip_denoised=True, ema_decay=0.995)
-    assert config['constants'] == dict(sweep_images=train_ddpm.SWEEP_IMAGES,
+    assert config['constants'] == dict(sweep_grid=train_ddpm.SWEEP_GRID,
                                        quality_reference=train_ddpm.QUALITY_REFERENCE)
     assert 'hyperparameters' not in config
     ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
