@@ -10,10 +10,12 @@ sweep (test images noised to t' and restored by the reverse process from t'), 2.
 with --compare-vae). t* is the first t' whose restorations have lost the digit half way: the first t' where the
 share of restorations that the digit classifier (studylib.digit_net) still reads as the original digit falls below
 the midpoint between its accuracy on the clean images and on unrelated ones (each image's label against another
-image), over --sweep-images test images; the PSNR of the restorations is reported beside it. Sample quality (studylib.digit_net): the Frechet
-distance of a small SVHN digit classifier's features between the final samples and the first test images, and its
-confidence, for the DDPM, the VAE and, to calibrate, as many training images; the classifier is trained (or loaded
-from its cache, studylib.digit_net.cache_dir()) before the DDPM trains, so that a problem with it shows at once.
+image), over --sweep-images test images; the PSNR of the restorations is reported beside it. Sample quality
+(studylib.digit_net): the Frechet distance and the kernel distance (KID) of a small SVHN digit classifier's
+features between --quality-samples final samples and the first test images, and its confidence, for the DDPM, the
+VAE and, to calibrate, as many training images; the classifier is trained (or loaded from its cache,
+studylib.digit_net.cache_dir()) before the DDPM trains, so that a problem with it shows at once. 2.2d also shows
+the template's own sampler (p_sample_loop, unclipped) beside the run's when they differ.
 """
 import argparse
 import math
@@ -45,7 +47,8 @@ DEFAULTS = dict(
     ema_decay=0.995,                             # weight EMA per step (a horizon of ~200 steps); 0 = none
     sample_every=5,                              # epochs between the 2.2b sample grids
     sweep_images=256,                            # test images noised and restored in the 2.2c sweep (t*)
-    num_samples=64,                              # images per sampled batch (figures, timing, quality)
+    num_samples=64,                              # images per sampled batch (figures, timing)
+    quality_samples=1000,                        # samples each model is scored on at the end (2.2d: FD, KID)
     sampler='ddpm',                              # the 2.2b/2.2d sampler: the exact T-step chain, as the template
     sample_steps=50,                             # DDIM steps when sampler is ddim
     clip_denoised=False,                         # x_0 clipped to [-1, 1] at every sampling step (not in the template)
@@ -62,7 +65,7 @@ RECIPES = {
 }
 # what a --resume may change besides the common flags: how the run samples and reports, not what it trains
 RESUMABLE = RESUMABLE_COMMON | {'inception_fid', 'compare_vae', 'sample_every', 'num_samples', 'sampler',
-                                'sample_steps', 'clip_denoised', 't_primes', 'sweep_images'}
+                                'sample_steps', 'clip_denoised', 't_primes', 'sweep_images', 'quality_samples'}
 
 
 def parse_t_primes(text):
@@ -98,6 +101,10 @@ def build_parser():
                            "to 60%%, then 70%%, 80%%, 90%% and T-1. t* is the first t' where the share of "
                            "restorations the digit classifier reads as the original digit falls below the midpoint "
                            "between its accuracy on the clean images and on unrelated ones")
+    ddpm.add_argument('--quality-samples', type=positive_int,
+                      help='samples of the DDPM, of the VAE (--compare-vae) and training images scored at the end '
+                           '(digit FD and KID, each with a second draw), in batches of --num-samples; at least '
+                           '--num-samples')
     ddpm.add_argument('--sweep-images', type=positive_int,
                       help="test images noised and restored at each t' of the 2.2c sweep (at most the test images; "
                            "the reverse passes cost about their number times the sum of the t')")
@@ -135,6 +142,7 @@ def parse_args(argv=None):
             ddpm_solution.DiffusionSchedule(args.timesteps).ddim_timesteps(args.sample_steps)
         except ValueError as exc:
             parser.error(f'--sample-steps {args.sample_steps}: {exc}')
+    args.quality_samples = max(args.quality_samples, args.num_samples)
     if args.t_primes is None:
         args.t_primes = default_t_primes(args.timesteps)
     if args.t_primes[-1] >= args.timesteps:
@@ -256,13 +264,14 @@ class Study:
 
 
 @torch.no_grad()
-def draw_samples(study, n, seed, sampler=None, steps=None):
+def draw_samples(study, n, seed, sampler=None, steps=None, *, clip=None):
     """n samples from pure noise with a fixed seed (the global RNG is left as it was), and the seconds it took.
 
     sampler 'ddpm': the ancestral chain over all T steps; 'ddim': DDIM (eta=0) over `steps` of them (default: the
-    run's --sampler and --sample-steps); x_0 clipped at every step with --clip-denoised."""
+    run's --sampler and --sample-steps); x_0 clipped at every step when `clip` (default: --clip-denoised)."""
     args, model, diffusion = study.args, study.sample_model, study.parts.diffusion
     sampler, steps = sampler or args.sampler, steps or args.sample_steps
+    clip = args.clip_denoised if clip is None else clip
     model.eval()
     devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
     shape = (n, ddpm_solution.input_channels, ddpm_solution.image_size, ddpm_solution.image_size)
@@ -270,9 +279,9 @@ def draw_samples(study, n, seed, sampler=None, steps=None):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         if sampler == 'ddim':
-            x = diffusion.ddim_sample(model, shape, steps=steps, progress=True, clip_denoised=args.clip_denoised)
+            x = diffusion.ddim_sample(model, shape, steps=steps, progress=True, clip_denoised=clip)
         else:
-            x = diffusion.sample(model, shape, progress=True, clip_denoised=args.clip_denoised)
+            x = diffusion.sample(model, shape, progress=True, clip_denoised=clip)
         if x.is_cuda:
             torch.cuda.synchronize()
     return x, time.perf_counter() - t0
@@ -383,29 +392,30 @@ class Quality:
 
 
 def quality_line(scores):
-    return f'digit FD {scores["digit_fd"]:.1f}, confidence {scores["digit_confidence"]:.2f}'
+    kid = f', KID {scores["digit_kid"]:.4f} (subsets: +-{scores["digit_kid_std"]:.4f})' if 'digit_kid' in scores else ''
+    return f'digit FD {scores["digit_fd"]:.1f}{kid}, confidence {scores["digit_confidence"]:.2f}'
 
 
 def save_final_samples(study, samples, epoch, quality):
     """2.2d: the final DDPM samples, beside the VAE's when a VAE is given, each titled with its measured quality."""
     folder, sampler, n_reference = study.run.folder, study.sampler, len(study.reference)
-    n = len(samples)
-    calibration = (f'digit FD: Frechet distance of DigitNet features to {n_reference} test images (lower is better); '
-                   f'for calibration, {n} training images score {quality_line(quality.reference)}.')
+    n, q = len(samples), study.args.quality_samples
+    calibration = (f'scored on {q} images each against {n_reference} test images (DigitNet features; lower is '
+                   f'better); {q} training images score {quality_line(quality.reference)}.')
     if quality.vae is None:
         return save_image_grid(samples, folder.file('2.2d_final_samples.png'),
-                               f'{n} DDPM samples after {epoch} epochs ({sampler})\n'
+                               f'{n} of {q} DDPM samples after {epoch} epochs ({sampler})\n'
                                f'{quality_line(quality.ddpm)}\n{calibration}')
     plt = pyplot()
     nrow = math.ceil(math.sqrt(n))
     fig, axes = plt.subplots(1, 2, figsize=(11, 6.8))
     for ax, images, name, scores in [
             (axes[0], samples, f'DDPM, epoch {epoch} ({sampler})', quality.ddpm),
-            (axes[1], quality.vae_samples, f'VAE, epoch {quality.vae_epoch} (decoder mean)', quality.vae)]:
+            (axes[1], quality.vae_samples[:n], f'VAE, epoch {quality.vae_epoch} (decoder mean)', quality.vae)]:
         ax.imshow(grid_array(images, nrow), interpolation='nearest')
         ax.set_title(f'{name}\n{quality_line(scores)}', fontsize=10)
         ax.axis('off')
-    fig.suptitle(f'{n} samples from each model, trained on the same SVHN images', fontsize=11)
+    fig.suptitle(f'{n} of the {q} scored samples of each model, trained on the same SVHN images', fontsize=11)
     fig.text(0.5, 0.02, calibration, ha='center', fontsize=8.5)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))   # room for the suptitle above the panel titles
     path = folder.file('2.2d_ddpm_vs_vae.png')
@@ -485,13 +495,15 @@ def save_sweep_curve(folder, sweep, title):
                  label=f'clean images ({sweep.clean_accuracy:.1f}%)')
     left.axhline(sweep.chance_accuracy, color='gray', linestyle='--',
                  label=f'unrelated images ({sweep.chance_accuracy:.1f}%)')
-    left.axhline(sweep.threshold, color='tab:red', linestyle=':', linewidth=1, label=f'midpoint ({sweep.threshold:.1f}%)')
+    left.axhline(sweep.threshold, color='tab:red', linestyle=':', linewidth=1,
+                 label=f'midpoint ({sweep.threshold:.1f}%)')
     left.axvline(sweep.t_star, color='tab:red', label=f't* = {sweep.t_star}')
     left.set_ylabel(f'digit classifier: original label kept (%, {sweep.images} images)')
     left.set_title("t*: the digit is lost half way", fontsize=10)
     right.plot(sweep.t_primes, sweep.restored_psnr, marker='o', label='restored vs original')
     right.plot(sweep.t_primes, sweep.noised_psnr, marker='s', linestyle=':', label="noised x_t' vs original")
-    right.axhline(sweep.chance_psnr, color='gray', linestyle='--', label=f'unrelated pairs ({sweep.chance_psnr:.1f} dB)')
+    right.axhline(sweep.chance_psnr, color='gray', linestyle='--',
+                  label=f'unrelated pairs ({sweep.chance_psnr:.1f} dB)')
     right.axhline(sweep.threshold_psnr, color='tab:red', linestyle=':', linewidth=1,
                   label=f'midpoint ({sweep.threshold_psnr:.1f} dB)')
     right.axvline(sweep.t_star_psnr, color='tab:red', linestyle='-.', label=f'PSNR rule: t = {sweep.t_star_psnr}')
@@ -509,26 +521,40 @@ def save_sweep_curve(folder, sweep, title):
     return curve
 
 
+def draw_many(study, n, seed, first=None):
+    """n samples in batches of --num-samples: `first` (the figure's batch, drawn with `seed`) and then batch k with
+    seed + 10,000 k, so that no batch repeats another's noise (a second draw starts from seed + 1)."""
+    batches = [first] if first is not None else []
+    while sum(len(b) for b in batches) < n:
+        k = len(batches)
+        batches.append(draw_samples(study, min(study.args.num_samples, n - k * study.args.num_samples),
+                                    seed + 10_000 * k)[0])
+    return torch.cat(batches)[:n]
+
+
 def sample_quality(study, samples):
-    """The digit measure of the samples, of as many training images and (with --compare-vae) of the VAE's. Each
-    also scores a second draw of as many images (digit_fd_redraw: the next seed, the next training images), so
-    that a difference between rows can be set against the spread between two draws of one row."""
+    """The digit measure (FD and KID) of --quality-samples DDPM samples (the figure's batch first), of as many
+    training images and (with --compare-vae) of as many VAE samples. Each also scores a second draw of as many
+    images (*_redraw: the next seed, the next training images), so that a difference between rows can be set
+    against the spread between two draws of one row."""
     args, net, reference, train_x = study.args, study.digit_net[0], study.reference, study.train_x
-    n = len(samples)
-    redraw, _ = draw_samples(study, n, args.seed + 1)
+    n = args.quality_samples
+    samples, redraw = draw_many(study, n, args.seed, first=samples), draw_many(study, n, args.seed + 1)
     quality = Quality(ddpm=digit_quality(net, samples, reference),
                       reference=digit_quality(net, to_unit_range(train_x[:n]), reference))
-    quality.ddpm['digit_fd_redraw'] = digit_quality(net, redraw, reference)['digit_fd']
+    second = digit_quality(net, redraw, reference)
+    quality.ddpm.update(digit_fd_redraw=second['digit_fd'], digit_kid_redraw=second['digit_kid'])
     if len(train_x) >= 2 * n:
-        quality.reference['digit_fd_redraw'] = digit_quality(net, to_unit_range(train_x[n:2 * n]),
-                                                             reference)['digit_fd']
+        second = digit_quality(net, to_unit_range(train_x[n:2 * n]), reference)
+        quality.reference.update(digit_fd_redraw=second['digit_fd'], digit_kid_redraw=second['digit_kid'])
     if study.vae is not None:
         vae, quality.vae_epoch = study.vae
         torch.manual_seed(args.seed)
         quality.vae_samples = vae.sample(n)
         quality.vae = digit_quality(net, quality.vae_samples, reference)
         torch.manual_seed(args.seed + 1)
-        quality.vae['digit_fd_redraw'] = digit_quality(net, vae.sample(n), reference)['digit_fd']
+        second = digit_quality(net, vae.sample(n), reference)
+        quality.vae.update(digit_fd_redraw=second['digit_fd'], digit_kid_redraw=second['digit_kid'])
     if args.inception_fid:
         quality.ddpm['inception_fd'] = inception_fd(samples, reference, device=samples.device)
     return quality
@@ -550,6 +576,33 @@ def compare_samplers(study, samples, sample_seconds):
     return samplers
 
 
+def template_sampler(study, samples, epoch):
+    """2.2d beside the run's sampler: the same noise seed through the template's sampler, p_sample_loop (the exact
+    T-step chain, x_0 never clipped; DiffusionSchedule.sample computes the same chain keeping only x_t). Returns
+    the figure and the template's samples' seconds and quality (None, {} when the run samples that way)."""
+    args = study.args
+    if args.sampler == 'ddpm' and not args.clip_denoised:
+        return None, {}
+    chain, seconds = draw_samples(study, len(samples), args.seed, 'ddpm', clip=False)
+    scores = {name: digit_quality(study.digit_net[0], images, study.reference)
+              for name, images in (('run', samples), ('template', chain))}
+    plt = pyplot()
+    nrow = math.ceil(math.sqrt(len(samples)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.6))
+    for ax, images, name in [(axes[0], samples, f'this run\'s sampler: {study.sampler}'),
+                             (axes[1], chain, f'the template\'s p_sample_loop: DDPM, T={args.timesteps}, unclipped')]:
+        ax.imshow(grid_array(images, nrow), interpolation='nearest')
+        ax.set_title(f'{name}\n{quality_line(scores["run" if ax is axes[0] else "template"])}', fontsize=9.5)
+        ax.axis('off')
+    fig.suptitle(f'{len(samples)} samples after {epoch} epoch{"s" * (epoch != 1)} from the same noise seed, two '
+                 f'samplers', fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path = study.run.folder.file('2.2d_template_sampler.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path, dict(seconds=seconds, **scores['template'])
+
+
 def final_stage(study):
     """2.2a, 2.2c, 2.2d, the sample quality and the samplers' comparison (rank 0 alone): summary.json."""
     args, run = study.args, study.run
@@ -567,13 +620,16 @@ def final_stage(study):
     quality = sample_quality(study, samples)
     samplers = compare_samplers(study, samples, sample_seconds)
     figures['2.2d'] = [save_final_samples(study, samples, epoch, quality)]
+    template_figure, template = template_sampler(study, samples, epoch)
+    figures['2.2d'] += [template_figure] if template_figure else []
     ema = study.ema
     metrics = dict(epochs=epoch, timesteps=args.timesteps, num_train=len(study.train_x), num_test=len(study.test_x),
                    final_train_loss=rows[-1]['train_loss'], **time_metrics(rows),
                    sample_seconds=sample_seconds, sample_batch=args.num_samples,
                    **sweep.metrics(),
-                   **quality.metrics(), quality_samples=len(samples), quality_reference=len(study.reference),
+                   **quality.metrics(), quality_samples=args.quality_samples, quality_reference=len(study.reference),
                    digit_net_test_accuracy=study.digit_net[1]['test_accuracy'], samplers=samplers,
+                   template_sampler=template,
                    sampler=study.sampler, clip_denoised=args.clip_denoised, ema_decay=args.ema_decay,
                    ema_updates=int(ema.n_averaged) if ema is not None else 0, device=run.config['device_name'])
     run.write_summary('ddpm', figures, metrics)

@@ -260,7 +260,7 @@ def check_drivers(check, common, runs, dry):
         rates['vae'] = epoch_rate(os.path.join(runs, 'vae'), n_svhn)[0]
     ddpm_args = common + ['--epochs', '2', '--sample-every', '2']
     if dry:
-        ddpm_args += ['--timesteps', '20', '--num-samples', '4', '--limit-test', '32']
+        ddpm_args += ['--timesteps', '20', '--num-samples', '4', '--quality-samples', '4', '--limit-test', '32']
     ok, _ = check.run('train_ddpm.py, GPU defaults (T=1000, 64 samples, final stage)' if not dry else
                       'train_ddpm.py (toy: T=20)',
                       [sys.executable, 'train_ddpm.py', *ddpm_args, '--out-dir', os.path.join(runs, 'ddpm')], 300)

@@ -52,7 +52,8 @@ def test_vae_two_processes_match_one(data_dir, tmp_path):
 
 def test_ddpm_two_processes_match_one(data_dir, tmp_path):
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '64',
-            '--limit-test', '16', '--batch-size', '16', '--num-samples', '2', '--timesteps', '10',
+            '--limit-test', '16', '--batch-size', '16', '--num-samples', '2',
+            '--quality-samples', '2', '--timesteps', '10',
             '--ema-decay', '0.9']
     _compare(_run('train_ddpm.py', args, tmp_path / 'one', 1), _run('train_ddpm.py', args, tmp_path / 'two', 2),
              ['train_loss'])

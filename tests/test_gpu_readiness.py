@@ -149,7 +149,7 @@ def test_tf32_off_switches_tf32_off_and_restores_it():
 
 @pytest.mark.parametrize('script, extra', [
     ('train_vae.py', ['--ll-k', '1', '--profile-per-class', '1']),
-    ('train_ddpm.py', ['--num-samples', '2', '--timesteps', '10']),
+    ('train_ddpm.py', ['--num-samples', '2', '--quality-samples', '2', '--timesteps', '10']),
 ])
 def test_a_last_batch_smaller_than_the_world_is_skipped(data_dir, tmp_path, script, extra):
     """97 images at batch 16 on 2 processes: the last global batch has 1 image, which would leave rank 1 with none

@@ -125,6 +125,7 @@ def test_ddpm_writes_nothing_into_the_data_folder(tiny_svhn, tmp_path, monkeypat
     read_only_cache(monkeypatch)
     metrics = train_ddpm.main(['--data-dir', tiny_svhn, '--out-dir', str(tmp_path / 'run'), '--no-download',
                                '--device', 'cpu', '--epochs', '1', '--batch-size', '16', '--num-samples', '2',
+                               '--quality-samples', '2',
                                '--timesteps', '10', '--limit-test', '16'])
     assert metrics['digit_fd'] == metrics['digit_fd']
     assert snapshot(tiny_svhn) == before
@@ -138,6 +139,7 @@ def test_a_corrupt_classifier_cache_stops_the_ddpm_before_training(tiny_svhn, tm
         f.write(b'not a checkpoint')
     line = refused(train_ddpm.main, ['--data-dir', tiny_svhn, '--out-dir', str(tmp_path / 'run'), '--no-download',
                                      '--device', 'cpu', '--epochs', '1', '--batch-size', '16', '--num-samples', '2',
+                                     '--quality-samples', '2',
                                      '--timesteps', '10'], capsys)
     assert path in line and not (tmp_path / 'run').exists()
 
@@ -200,7 +202,7 @@ def test_non_finite_weights_never_reach_the_checkpoint(tmp_path):
 # 8. flag errors found before training, not after
 
 @pytest.mark.parametrize('argv, message', [
-    (['--num-samples', '1'], '--num-samples'),
+    (['--num-samples', '1', '--quality-samples', '1'], '--num-samples'),
     (['--sampler', 'ddim', '--sample-steps', '1'], '--sample-steps'),
     (['--timesteps', '1'], '--timesteps'),
 ])
@@ -332,7 +334,8 @@ def test_sigterm_during_end_of_epoch_sampling_keeps_the_epoch(tiny_svhn, tmp_pat
     from studylib import digit_net
     digit_net.load_or_train(tiny_svhn, 'cpu', allow_download=False)   # cached, so the run reaches sampling fast
     args = ['--data-dir', tiny_svhn, '--no-download', '--device', 'cpu', '--epochs', '1', '--batch-size', '16',
-            '--num-samples', '2', '--timesteps', '400', '--t-primes', '5,10', '--limit-test', '16',
+            '--num-samples', '2',
+            '--quality-samples', '2', '--timesteps', '400', '--t-primes', '5,10', '--limit-test', '16',
             '--out-dir', str(tmp_path / 'run')]
     proc = run_script('train_ddpm.py', args)
     deadline = time.monotonic() + 300

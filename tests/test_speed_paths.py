@@ -20,6 +20,7 @@ RUNS = {
     'train_vae.py': ['--limit-train', '64', '--limit-test', '16', '--batch-size', '16', '--ll-k', '1',
                      '--profile-per-class', '1'],
     'train_ddpm.py': ['--limit-train', '32', '--limit-test', '16', '--batch-size', '16', '--num-samples', '2',
+                      '--quality-samples', '2',
                       '--timesteps', '10'],
     'train_simsiam.py': ['--limit-train', '64', '--limit-test', '32', '--batch-size', '16', '--knn-k', '10',
                          '--dim', '64', '--pred-dim', '16'],

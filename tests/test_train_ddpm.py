@@ -1,4 +1,5 @@
 """train_ddpm.py, compare_ddpm.py and probe_ddpm.py end to end on real SVHN files from DATA_DIR (tiny T and sizes)."""
+import argparse
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import train_vae
 from tests.conftest import ROOT
 
 TINY = ['--limit-train', '32', '--limit-test', '16', '--batch-size', '16', '--num-samples', '4',
+        '--quality-samples', '4',
         '--sample-every', '1', '--no-download', '--device', 'cpu', '--epochs', '2']
 
 
@@ -241,7 +243,8 @@ def test_ctrl_c_checkpoints_the_step_and_resume_equals_the_uninterrupted_run(dat
     from tests.conftest import stop_resume_compare
     import signal
     args = ['--data-dir', data_dir, '--no-download', '--device', 'cpu', '--epochs', '1', '--limit-train', '96',
-            '--limit-test', '16', '--batch-size', '8', '--num-samples', '2', '--timesteps', '10',
+            '--limit-test', '16', '--batch-size', '8', '--num-samples', '2',
+            '--quality-samples', '2', '--timesteps', '10',
             '--checkpoint-every', '1', '--ema-decay', '0.9']
     code, err = stop_resume_compare('train_ddpm.py', args, tmp_path, epoch=1, signum=signal.SIGINT)
     lines = [line for line in err.splitlines() if line.startswith('error:')]
@@ -266,9 +269,32 @@ def test_clip_denoised_sampler_option(tiny_svhn, tmp_path):
     """--clip-denoised runs every sampler of the run with x_0 clipped and says so in the figures' sampler name."""
     metrics = train_ddpm.main(['--data-dir', tiny_svhn, '--out-dir', str(tmp_path / 'run'), '--no-download',
                                '--device', 'cpu', '--epochs', '1', '--batch-size', '16', '--num-samples', '2',
+                               '--quality-samples', '2',
                                '--timesteps', '60', '--t-primes', '5,10', '--limit-test', '16', '--clip-denoised'])
     assert metrics['clip_denoised'] is True and 'x0 clipped' in metrics['sampler']
     assert set(metrics['samplers']) == {'ddpm_60', 'ddim_50'}
+    # the template's own sampler (unclipped p_sample_loop) beside the run's, from the same noise
+    summary = json.load(open(tmp_path / 'run' / 'summary.json'))
+    assert summary['figures']['2.2d'] == ['2.2d_final_samples.png', '2.2d_template_sampler.png']
+    assert metrics['template_sampler']['digit_fd'] >= 0 and metrics['template_sampler']['seconds'] > 0
+
+
+def test_draw_many_reuses_the_figure_batch_then_draws_fresh_noise(monkeypatch):
+    """--quality-samples beyond one batch: the figure's batch first, then batches of --num-samples, each from its
+    own seed (seed + 10,000 k), the last one cut to size."""
+    calls = []
+
+    def fake_draw(study, n, seed, *a, **k):
+        calls.append((n, seed))
+        return torch.full((n, 1), float(seed)), 0.0
+    monkeypatch.setattr(train_ddpm, 'draw_samples', fake_draw)
+    study = type('S', (), {'args': argparse.Namespace(num_samples=4)})()
+    first = torch.full((4, 1), -1.0)
+    out = train_ddpm.draw_many(study, 10, 7, first=first)
+    assert calls == [(4, 10_007), (2, 20_007)]
+    assert out.flatten().tolist() == [-1.0] * 4 + [10_007.0] * 4 + [20_007.0] * 2
+    calls.clear()
+    assert train_ddpm.draw_many(study, 4, 8).flatten().tolist() == [8.0] * 4 and calls == [(4, 8)]
 
 
 def test_a_recipe_run_records_what_ran(data_dir, tmp_path):
@@ -279,6 +305,7 @@ def test_a_recipe_run_records_what_ran(data_dir, tmp_path):
     metrics = train_ddpm.main(['--data-dir', data_dir, '--out-dir', str(out), '--recipe', 'cpu', '--lr', '5e-4',
                                '--timesteps', '10', '--sample-steps', '3', '--t-primes', '0,5',
                                '--limit-train', '48', '--limit-test', '16', '--num-samples', '2',
+                               '--quality-samples', '2',
                                '--no-download', '--device', 'cpu', '--epochs', '1'])
     config = json.load(open(out / 'config.json'))
     ran = {k: config['args'][k] for k in ('recipe', 'batch_size', 'lr', 'sampler', 'clip_denoised', 'ema_decay')}
