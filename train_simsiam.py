@@ -453,7 +453,6 @@ def save_collapse_figure(out, qid, names, logs, rate_line, scale):
     """The std of z/||z|| (0 = every image the same direction) beside the effective rank of the test embeddings
     (1 = one direction; a partial collapse keeps a spread in a few directions only)."""
     plt = pyplot()
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, name in enumerate(names):
         epochs = [r['epoch'] for r in logs[name]]
@@ -468,10 +467,9 @@ def save_collapse_figure(out, qid, names, logs, rate_line, scale):
     left.set_ylabel('std of z/||z|| over the batch (mean over dims)')
     highest = max([1 / math.sqrt(d) for d in dims] + [r['z_std'] for n in names for r in logs[n]])
     left.set_ylim(0, 1.25 * highest)
-    right.set_ylabel('effective rank of the test embeddings z (log)')
-    right.set_yscale('log')
-    right.yaxis.set_major_formatter(ScalarFormatter())
-    right.yaxis.set_minor_formatter(NullFormatter())
+    right.set_ylabel('effective rank of the test embeddings z')
+    right.set_ylim(bottom=0)
+    right.set_xlim(left.get_xlim())   # the same epoch axis as the z std panel
     right.set_title('from epoch 1 (before training, the untrained batch norm\'s running statistics dominate)',
                     fontsize=8)
     _epoch_axes([left, right])
