@@ -13,6 +13,7 @@ lr 0.03 * batch / 256 (--lr is that base rate per 256 images, as in the official
 import argparse
 import contextlib
 import copy
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -389,9 +390,24 @@ def end_of_epoch(member, epoch, lr, means, seconds):
     run.save(epoch)
 
 
+SPECTRUM_KEEP = 256   # leading singular values saved in spectrum.json
+
+
+@torch.no_grad()
+def embedding_spectrum(model, images):
+    """The spread of the test embeddings along each principal direction (Jing et al. 2022, Sec. 3): the singular
+    values, descending, of the centred z/||z|| (what the kNN monitor compares) divided by sqrt(N), so that their
+    squares sum to the total variance. A full collapse leaves them all near 0; a partial one, a few above the rest."""
+    z = F.normalize(embed(model.encoder, images), dim=1).double()                    # (N, dim)
+    return (torch.linalg.svdvals(z - z.mean(0)) / math.sqrt(len(z)))[:SPECTRUM_KEEP].tolist()
+
+
 def final_metrics(member):
-    """The linear probe on the frozen backbone and the configuration's summary.json (rank 0)."""
+    """The linear probe on the frozen backbone, the embedding spectrum (spectrum.json) and the configuration's
+    summary.json (rank 0)."""
     run, (train_x, train_y, test_x, test_y) = member.run, member.data
+    run.folder.write_json('spectrum.json', {'singular_values': embedding_spectrum(member.model, test_x),
+                                            'images': len(test_x)})
     log = run.folder.read_metrics()
     init = [r for r in log if r['epoch'] == 0]   # the untrained model (absent in runs logged before epoch 0 was)
     rows = [r for r in log if r['epoch'] > 0]
@@ -483,6 +499,37 @@ def save_collapse_figure(out, qid, names, logs, rate_line, scale):
     return path
 
 
+def save_spectrum_figure(out, qid, names, scale):
+    """The final embeddings' singular-value spectra of a question's configurations (those with a spectrum.json),
+    on a log axis: [] when none has one (runs made before the spectrum was saved)."""
+    spectra = {}
+    for name in names:
+        path = os.path.join(out, name, 'spectrum.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                spectra[name] = json.load(f)['singular_values']
+    if not spectra:
+        return []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for i, name in enumerate(names):
+        if name in spectra:
+            values = [max(v, 1e-8) for v in spectra[name]]
+            ax.plot(range(1, len(values) + 1), values, color=f'C{i}', label=name)
+    ax.set_yscale('log')
+    ax.set_xlabel('principal direction (by decreasing spread)')
+    ax.set_ylabel('singular value of the centred z/||z|| / sqrt(N)')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=8)
+    ax.set_title(f'{qid}: spectrum of the final test embeddings (all near 0 = full collapse; a few large, the rest '
+                 f'near 0 = dimensional collapse)\n{scale}', fontsize=8.5)
+    fig.tight_layout()
+    path = os.path.join(out, f'{qid}_spectrum.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def config_dir(args, name):
     return os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir
 
@@ -544,6 +591,7 @@ def train(args, command, ranks):
             continue
         members = [m for m in members if m in names]
         figures[qid] = save_question_figures(args.out_dir, qid, members, logs, dims, scale)
+        figures[qid] += save_spectrum_figure(args.out_dir, qid, members, scale)
     exp.write_json('config.json', make_config(args, 'simsiam-experiment', {'configurations': names}, device,
                                               command))
     exp.write_summary('simsiam', figures, results)

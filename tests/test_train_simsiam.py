@@ -30,7 +30,7 @@ def experiment_3_4(data_dir, tmp_path_factory):
 def test_experiment_writes_figures_metrics_and_one_folder_per_configuration(experiment_3_4):
     out, results = experiment_3_4
     summary = json.load(open(out / 'summary.json'))
-    assert summary['figures'] == {'3.4': ['3.4_loss_knn.png', '3.4_collapse.png']}
+    assert summary['figures'] == {'3.4': ['3.4_loss_knn.png', '3.4_collapse.png', '3.4_spectrum.png']}
     for rel in summary['figures']['3.4']:
         with Image.open(out / rel) as im:
             im.verify()
@@ -52,6 +52,24 @@ def test_experiment_writes_figures_metrics_and_one_folder_per_configuration(expe
             assert -1 <= row['train_loss'] <= 1 and 0 <= row['knn_top1'] <= 100
         assert rows[1]['lr'] == pytest.approx(0.03 * 32 / 256)            # epoch 1: no decay yet
         assert (out / name / 'checkpoint.pt').exists()
+        assert 0 < m['final_erank'] <= 32 and m['final_erank'] == rows[-1]['erank']   # at most N = 32 test images
+
+
+def test_the_spectrum_is_the_spread_of_the_normalised_test_embeddings(data_dir, experiment_3_4):
+    """spectrum.json's squared singular values add up to the total variance of z/||z|| over the test images,
+    recomputed from the checkpoint (every value is kept: 32 images give 32)."""
+    from studylib.data import load_split
+    out, _ = experiment_3_4
+    ckpt = torch.load(out / 'baseline' / 'checkpoint.pt', weights_only=True)
+    model = train_simsiam.build_model(ckpt['model_config'])
+    model.load_state_dict(ckpt['model'])
+    images, _ = load_split('cifar10', data_dir, 'test', False, 32)
+    model.eval()
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model.encoder(train_simsiam.normalise(images)), dim=1).double()
+    values = json.load(open(out / 'baseline' / 'spectrum.json'))['singular_values']
+    assert len(values) == 32 and values == sorted(values, reverse=True)
+    assert sum(v * v for v in values) == pytest.approx(float(z.var(0, correction=0).sum()), rel=1e-6)
 
 
 def test_resume_skips_finished_configurations(data_dir, experiment_3_4, capsys):
@@ -71,7 +89,8 @@ def test_finished_configurations_survive_a_fresh_checkout(data_dir, experiment_3
     assert again == results
     assert capsys.readouterr().out.count('already finished') == 2
     assert not list(clone.rglob('*.pt'))                                  # nothing was trained, nothing saved
-    assert json.load(open(clone / 'summary.json'))['figures'] == {'3.4': ['3.4_loss_knn.png', '3.4_collapse.png']}
+    assert json.load(open(clone / 'summary.json'))['figures'] == {'3.4': ['3.4_loss_knn.png', '3.4_collapse.png',
+                                                                           '3.4_spectrum.png']}
 
 
 def test_a_refused_command_leaves_the_experiment_byte_identical(data_dir, experiment_3_4, capsys):
