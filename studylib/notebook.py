@@ -6,12 +6,14 @@ import os
 
 def train_once(main, flags, out_dir):
     """Run a driver's main(flags + --out-dir out_dir) unless out_dir holds a finished run already; a run stopped
-    half way (its checkpoint.pt) is continued with --resume. Returns the run's summary.json."""
+    half way (a checkpoint.pt in out_dir or, for a SimSiam experiment, in one of its configurations' folders) is
+    continued with --resume. Returns the run's summary.json."""
     summary = os.path.join(out_dir, 'summary.json')
     if os.path.exists(summary):
         print(f'{out_dir} holds a finished run: showing it (delete the folder, or change OUT_DIR, to train again)')
     else:
-        resume = ['--resume'] if os.path.exists(os.path.join(out_dir, 'checkpoint.pt')) else []
+        stopped = any('checkpoint.pt' in files for _, _, files in os.walk(out_dir))   # SimSiam: in sub-folders
+        resume = ['--resume'] if stopped else []
         main([*flags, '--out-dir', out_dir, *resume])
     with open(summary) as f:
         return json.load(f)

@@ -42,3 +42,20 @@ def test_notebook_runs_at_tiny_size_and_shows_its_figures(path, data_dir, tmp_pa
              if o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})]
     expected = sum(min(len(names), 2) for names in summary['figures'].values())
     assert expected > 0 and len(shown) == expected
+
+
+def test_train_once_resumes_a_stopped_experiment_and_skips_a_finished_run(tmp_path):
+    """The notebooks' helper: a checkpoint anywhere in the run folder (a SimSiam configuration's sub-folder too)
+    means --resume; a summary.json means nothing is trained."""
+    from studylib.notebook import train_once
+    calls = []
+
+    def main(argv):
+        calls.append(argv)
+        (tmp_path / 'run' / 'summary.json').write_text('{"model": "x", "figures": {}, "metrics": {}}')
+    (tmp_path / 'run' / 'baseline').mkdir(parents=True)
+    (tmp_path / 'run' / 'baseline' / 'checkpoint.pt').write_bytes(b'')
+    assert train_once(main, ['--epochs', '1'], str(tmp_path / 'run'))['model'] == 'x'
+    assert calls == [['--epochs', '1', '--out-dir', str(tmp_path / 'run'), '--resume']]
+    train_once(main, ['--epochs', '1'], str(tmp_path / 'run'))
+    assert len(calls) == 1                                                 # finished: shown, not retrained
