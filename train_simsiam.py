@@ -511,18 +511,18 @@ def save_spectrum_figure(out, qid, names, scale):
     if not spectra:
         return []
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     for i, name in enumerate(names):
-        if name in spectra:
-            values = [max(v, 1e-8) for v in spectra[name]]
+        if name in spectra:   # directions without spread (beyond the embeddings' rank) are left out of a log axis
+            values = [v for v in spectra[name] if v > 1e-7 * spectra[name][0]]
             ax.plot(range(1, len(values) + 1), values, color=f'C{i}', label=name)
     ax.set_yscale('log')
     ax.set_xlabel('principal direction (by decreasing spread)')
     ax.set_ylabel('singular value of the centred z/||z|| / sqrt(N)')
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=8)
-    ax.set_title(f'{qid}: spectrum of the final test embeddings (all near 0 = full collapse; a few large, the rest '
-                 f'near 0 = dimensional collapse)\n{scale}', fontsize=8.5)
+    ax.set_title(f'{qid}: spread of the final test embeddings along each principal direction\n(all small = full '
+                 f'collapse; a few large and the rest small = dimensional collapse)\n{scale}', fontsize=9.5)
     fig.tight_layout()
     path = os.path.join(out, f'{qid}_spectrum.png')
     fig.savefig(path, dpi=110)
