@@ -105,6 +105,19 @@ def save_progress_figures(model, folder, epoch, fixed_z, fixed_x):
     return b, c
 
 
+def spike_bars(ax, values, limit):
+    """One bar per latent dimension of `values` (z,), the 3 largest |value| red and numbered, y in [-limit, limit];
+    returns those 3 as [[dimension, value], ...]."""
+    spikes = values.abs().argsort(descending=True)[:3].tolist()
+    ax.bar(range(len(values)), values.numpy(),
+           color=['tab:red' if d in spikes else 'tab:blue' for d in range(len(values))])
+    for d in spikes:
+        ax.annotate(str(d), (d, float(values[d])), ha='center', fontsize=7, va='bottom' if values[d] >= 0 else 'top')
+    ax.axhline(0, color='black', linewidth=0.5)
+    ax.set_ylim(-limit, limit)
+    return [[d, round(float(values[d]), 4)] for d in spikes]
+
+
 @torch.no_grad()
 def save_latent_profiles(model, images, labels, per_class, folder, epoch):
     """1.3e: mean posterior mean of `per_class` training images of each digit, one bar plot per digit."""
@@ -114,21 +127,11 @@ def save_latent_profiles(model, images, labels, per_class, folder, epoch):
     mu = torch.cat([model.encode(to_unit_range(images[idx[b]])).mean
                     for b in batch_indices(len(idx), EVAL_BATCH, shuffle=False)])   # (10*per_class, z)
     profile = mu.view(10, per_class, -1).mean(1).cpu()                         # (10, z)
-    z_dim = profile.shape[1]
     limit = 1.1 * float(profile.abs().max())
     fig, axes = plt.subplots(2, 5, figsize=(15, 5.6), sharey=True)
     top = {}
     for digit, ax in enumerate(axes.flat):
-        values = profile[digit]
-        spikes = values.abs().argsort(descending=True)[:3].tolist()
-        top[digit] = [[d, round(float(values[d]), 4)] for d in spikes]
-        colors = ['tab:red' if d in spikes else 'tab:blue' for d in range(z_dim)]
-        ax.bar(range(z_dim), values.numpy(), color=colors)
-        for d in spikes:
-            ax.annotate(str(d), (d, float(values[d])), ha='center', fontsize=7,
-                        va='bottom' if values[d] >= 0 else 'top')
-        ax.axhline(0, color='black', linewidth=0.5)
-        ax.set_ylim(-limit, limit)
+        top[digit] = spike_bars(ax, profile[digit], limit)
         ax.set_title(f'digit {digit}', fontsize=10)
         ax.set_xlabel('latent dimension')
     for ax in axes[:, 0]:
@@ -179,15 +182,7 @@ def save_class_minus_mean(profile, variance, folder, epoch, *, n_images):
     marks = {}
     for digit in range(10):
         ax = fig.add_subplot(grid[1 + digit // 5, digit % 5])
-        values = specific[digit]
-        spikes = values.abs().argsort(descending=True)[:3].tolist()
-        marks[digit] = [[d, round(float(values[d]), 4)] for d in spikes]
-        ax.bar(range(z_dim), values.numpy(), color=['tab:red' if d in spikes else 'tab:blue' for d in range(z_dim)])
-        for d in spikes:
-            ax.annotate(str(d), (d, float(values[d])), ha='center', fontsize=7,
-                        va='bottom' if values[d] >= 0 else 'top')
-        ax.axhline(0, color='black', linewidth=0.5)
-        ax.set_ylim(-limit, limit)
+        marks[digit] = spike_bars(ax, specific[digit], limit)
         ax.set_title(f'digit {digit} minus the offset', fontsize=9)
         if digit % 5 == 0:
             ax.set_ylabel('difference', fontsize=8)
