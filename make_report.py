@@ -1,15 +1,21 @@
 """Build the study's report.pdf from finished run folders: every figure, metric table and written answer.
 
     python make_report.py plots/vae plots/ddpm plots/ddpm-recipes plots/ddpm-compare plots/ddpm-probe plots/simsiam \
-        --out plots/report.pdf
+        simsiam-questions=plots/simsiam-questions --out plots/report.pdf
 
-Reads only each run folder's summary.json (docs/operations.md, "The run folder") and the written answers in
-report/answers.md. An answer cites measured numbers through placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a
-summary's "model" (vae, ddpm, ddpm-recipes, ddpm-compare, ddpm-probe, simsiam), the dotted keys walk its
-"metrics" (a number picks a list's entry) and FORMAT is an optional Python format spec, so the text never drifts
-from the runs. A run that was not given shows as "not run yet: <command>" wherever it is needed; the report is still
-built. Each problem's section
-states the scale of its runs and the command of the full-size GPU run.
+Reads only each run folder's summary.json (docs/operations.md, "The run folder"), the written answers in
+report/answers.md and the meaning of each metric key in report/keys.md. An answer cites measured numbers through
+placeholders, {{RUN.KEY.SUBKEY:FORMAT}}: RUN is a summary's "model" (vae, ddpm, ddpm-recipes, ddpm-compare,
+ddpm-probe, simsiam) or the key it was given (simsiam-questions=FOLDER), the dotted keys walk its "metrics" (a
+number picks a list's entry) and FORMAT is an optional Python format spec; a derived number is computed,
+{{= $RUN.KEY - $RUN.KEY2 :.1f}}. So the text never drifts from the runs, and the build refuses a literal number that
+no run backs (outside a sentence that cites a paper). A run that was not given shows as "not run yet: <command>"
+wherever it is needed; the report is still built.
+
+Page 1 holds the verdicts (the answers' Summary section) and the assignment's settings against the runs'
+(Settings); then one section per problem, each question with its captioned figures and its answer; the references;
+Appendix A, every metric of every run with its command, device and commit (each SimSiam configuration's own); and
+Appendix B, what each metric key means. Pages under a third full that end no section are reported as a warning.
 
 Every user error is one line (exit status 2) before the slow work: an --out that cannot be written (empty, a folder,
 below a file, a forbidden or read-only place, an existing file that is not a PDF), a summary.json that is not a
@@ -17,34 +23,44 @@ run summary (naming the file and the key), a figure that a summary lists but tha
 image. The PDF is written through a temp file and os.replace: a failure leaves the previous report intact.
 """
 import argparse
+import ast
+import fnmatch
 import html
+import math
 import io
 import os
 import re
 import sys
 import time
 import zlib
+from typing import NamedTuple
 
 from studylib import UserError
 from studylib.run import HelpFormatter, read_summary, user_errors, write_atomically
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ANSWERS = os.path.join(ROOT, 'report', 'answers.md')
+KEYS = os.path.join(ROOT, 'report', 'keys.md')
 
 PROBLEMS = [
     ('Problem 1: a variational autoencoder on SVHN', ['vae'],
      ['1.3a', '1.3b', '1.3c', '1.3d', '1.3e', '1.3f']),
     ('Problem 2: a denoising diffusion model on SVHN', ['ddpm', 'ddpm-recipes', 'ddpm-compare', 'ddpm-probe'],
      ['2.2a', '2.2b', '2.2c', '2.2d', '2.2e', '2.3a', '2.3b']),
-    ('Problem 3: SimSiam on CIFAR-10', ['simsiam'],
+    ('Problem 3: SimSiam on CIFAR-10', ['simsiam', 'simsiam-questions'],
      ['3.4', '3.5a', '3.5b', '3.5c', '3.6', '3.7', '3.8', '3.9']),
 ]
 QUESTION_IDS = [qid for _, _, ids in PROBLEMS for qid in ids]
-# The run whose figures answer each question; the others are written answers only.
-FIGURE_SOURCE = {**{q: 'vae' for q in QUESTION_IDS if q.startswith('1.')},
-                 **{q: 'ddpm' for q in ('2.2a', '2.2b', '2.2c', '2.2d')},
-                 '2.2e': 'ddpm-recipes', '2.3a': 'ddpm-compare', '2.3b': 'ddpm-probe',
-                 '3.4': 'simsiam', '3.5a': 'simsiam', '3.5b': 'simsiam'}
+# The runs whose figures answer each question, the first one given wins (the written questions' study draws 3.4 and
+# 3.5a with the effective rank and spectrum, and reproduces the ablation study's rows exactly).
+FIGURE_SOURCE = {**{q: ('vae',) for q in QUESTION_IDS if q.startswith('1.')},
+                 **{q: ('ddpm',) for q in ('2.2a', '2.2b', '2.2c', '2.2d')},
+                 '2.2e': ('ddpm-recipes',), '2.3a': ('ddpm-compare',), '2.3b': ('ddpm-probe',),
+                 '3.4': ('simsiam-questions', 'simsiam'), '3.5a': ('simsiam-questions', 'simsiam'),
+                 '3.5b': ('simsiam',),
+                 **{q: ('simsiam-questions',) for q in ('3.5c', '3.6', '3.7', '3.8', '3.9')}}
+# A run given as KEY=FOLDER: the key its placeholders use, and the model its summary must be.
+RUN_MODEL = {'simsiam-questions': 'simsiam'}
 HOW_TO_RUN = {
     'vae': 'python train_vae.py --out-dir runs/vae',
     'ddpm': 'python train_ddpm.py --compare-vae runs/vae --out-dir runs/ddpm',
@@ -55,11 +71,13 @@ HOW_TO_RUN = {
                     '--out-dir runs/ddpm-T1500, then python compare_ddpm.py runs/ddpm-T500 runs/ddpm '
                     'runs/ddpm-T1500 --out-dir runs/ddpm-compare',
     'ddpm-probe': 'python probe_ddpm.py --ddpm runs/ddpm --vae runs/vae --out-dir runs/ddpm-probe',
-    'simsiam': 'python train_simsiam.py --experiment all --out-dir runs/simsiam',
+    'simsiam': 'python train_simsiam.py --experiment ablations --out-dir runs/simsiam',
+    'simsiam-questions': 'python train_simsiam.py --experiment all --out-dir runs/simsiam-questions',
 }
 RUN_TITLES = {'vae': 'VAE run', 'ddpm': 'DDPM run', 'ddpm-recipes': '2.2e: DDPM training recipes at equal wall time',
               'ddpm-compare': '2.3a: DDPM runs against T',
-              'ddpm-probe': '2.3b: linear probe of frozen features', 'simsiam': 'SimSiam runs'}
+              'ddpm-probe': '2.3b: linear probe of frozen features', 'simsiam': 'SimSiam ablations (3.4, 3.5a, 3.5b)',
+              'simsiam-questions': 'SimSiam: the written questions measured (3.5c to 3.9)'}
 PLACEHOLDER = re.compile(r'\{\{\s*([A-Za-z0-9_.-]+?)\s*(?::([^}]*))?\}\}')
 EMBED_DPI = 130   # the most pixels per inch a figure keeps in the PDF
 MISSING = '\x00'   # marks text that reports a missing run or number, rendered in red
@@ -68,11 +86,20 @@ MISSING = '\x00'   # marks text that reports a missing run or number, rendered i
 # ---------------------------------------------------------------------------------------------- reading the inputs
 
 def read_runs(run_dirs):
-    """{model: (run folder, summary)}; of several DDPM runs the T=1000 one (the seed's) answers 2.2."""
+    """{key: (run folder, summary)}. A folder's key is its summary's "model", or KEY in KEY=FOLDER (a second run of
+    one model, such as simsiam-questions=plots/simsiam-questions); of several DDPM runs the T=1000 one (the seed's)
+    answers 2.2."""
     runs = {}
-    for path in run_dirs:
+    for arg in run_dirs:
+        named, _, path = arg.rpartition('=') if '=' in arg and not os.path.exists(arg) else ('', '', arg)
+        if named and named not in RUN_MODEL:
+            raise UserError(f'{arg}: unknown run key {named!r}; the keys that name a run are '
+                            f'{", ".join(sorted(RUN_MODEL))} (other runs need no key)')
         summary = read_summary(path, hint='pass finished run folders (train_*.py, compare_ddpm.py, probe_ddpm.py)')
-        key = summary['model']
+        key = named or summary['model']
+        if named and summary['model'] != RUN_MODEL[named]:
+            raise UserError(f'{arg}: {path} holds a {summary["model"]} run; {named} must be a '
+                            f'{RUN_MODEL[named]} run')
         if key in runs:
             if key != 'ddpm':
                 raise UserError(f'two {key} runs given ({runs[key][0]} and {path}): pass one')
@@ -120,11 +147,20 @@ def check_out(path):
 def embedded_figures(runs):
     """(question id, run folder, file name) of every figure the report embeds."""
     for qid in QUESTION_IDS:
-        source = FIGURE_SOURCE.get(qid)
+        source = figure_source(qid, runs)
         if source in runs:
             path, summary = runs[source]
             for name in summary['figures'].get(qid, []):
                 yield qid, path, name
+
+
+def figure_source(qid, runs):
+    """The run whose figures answer qid: the first of its FIGURE_SOURCE that was given and drew them (else the first
+    given, else the first named: what is missing); None for a written answer."""
+    sources = FIGURE_SOURCE.get(qid, ())
+    given = [k for k in sources if k in runs]
+    drawn = [k for k in given if qid in runs[k][1]['figures']]
+    return (drawn or given or list(sources) or [None])[0]
 
 
 def check_figures(runs):
@@ -147,17 +183,39 @@ def check_figures(runs):
                             f'made it, or restore the file') from exc
 
 
+class Answer(NamedTuple):
+    title: str
+    body: str                       # markdown with placeholders, the caption lines taken out
+    captions: list                  # [(file name pattern, caption markdown)], in their order
+
+
+CAPTION = re.compile(r'^Figure (\S+): (.+)$', flags=re.M)
+
+
 def parse_answers(text):
-    """answers.md -> ({question id: (title, markdown body)}, references markdown)."""
-    answers, references = {}, ''
+    """answers.md -> ({question id: Answer}, {section: markdown}). A '## ' heading that starts with a question id
+    is an answer; any other (Summary, Settings, References) is a section. In an answer, a line
+    'Figure PATTERN: text' captions the figures whose file names match PATTERN (fnmatch; {epoch} in the text is the
+    file name's epoch)."""
+    answers, sections = {}, {}
     for block in re.split(r'^## ', text, flags=re.M)[1:]:
         heading, _, body = block.partition('\n')
         qid, _, title = heading.strip().partition(' ')
-        if qid == 'References':
-            references = body.strip()
+        if qid in QUESTION_IDS:
+            captions = CAPTION.findall(body)
+            answers[qid] = Answer(title.strip(), CAPTION.sub('', body).strip(), captions)
         else:
-            answers[qid] = (title.strip(), body.strip())
-    return answers, references
+            sections[heading.strip()] = body.strip()
+    return answers, sections
+
+
+def caption_of(name, captions):
+    """The caption of figure file `name`: the first pattern that matches it, else None."""
+    for pattern, text in captions:
+        if fnmatch.fnmatchcase(name, pattern):
+            epoch = re.search(r'epoch0*(\d+)', name)
+            return text.replace('{epoch}', epoch.group(1) if epoch else '?')
+    return None
 
 
 def lookup(runs, path, spec, told=None):
@@ -176,12 +234,13 @@ def lookup(runs, path, spec, told=None):
             value = value[int(k)]
             continue
         if not isinstance(value, dict) or k not in value:
-            if key == 'simsiam' and value is runs[key][1]['metrics']:   # a configuration the experiment lacks
+            if RUN_MODEL.get(key, key) == 'simsiam' and value is runs[key][1]['metrics']:   # a configuration the
+                # experiment lacks
                 if told is not None and f'{key}.{k}' in told:
                     return MISSING + 'not run yet' + MISSING
                 if told is not None:
                     told.add(f'{key}.{k}')
-                return MISSING + f'not run yet: configuration {k} ({HOW_TO_RUN["simsiam"]})' + MISSING
+                return MISSING + f'not run yet: configuration {k} ({HOW_TO_RUN[key]})' + MISSING
             return MISSING + f'not measured in {runs[key][0]}' + MISSING
         value = value[k]
     if isinstance(value, list):
@@ -202,9 +261,169 @@ def format_value(value, spec=None):
     return str(value)
 
 
+def alphabar(t, timesteps=1000):
+    """ᾱ_t of the template's schedule (linear betas from 1e-4 to 0.02 over T steps), t a 0-based step."""
+    product = 1.0
+    for s in range(int(t) + 1):
+        product *= 1 - (1e-4 + (0.02 - 1e-4) * s / (timesteps - 1))
+    return product
+
+
+CALC_FUNCTIONS = {'sqrt': math.sqrt, 'log': math.log, 'log2': math.log2, 'log10': math.log10, 'exp': math.exp,
+                  'abs': abs, 'min': min, 'max': max, 'alphabar': alphabar,
+                  'snr': lambda t, timesteps=1000: alphabar(t, timesteps) / (1 - alphabar(t, timesteps))}
+CALC = re.compile(r'\{\{=\s*(.+?)\s*(?::([^:}]*))?\}\}')
+CALC_REF = re.compile(r'\$([A-Za-z0-9_.-]*[A-Za-z0-9_])')
+
+
+def calculate(expression, runs):
+    """A number derived in the text, {{= EXPR :FORMAT}}: EXPR is arithmetic (+ - * / **, CALC_FUNCTIONS) on numbers
+    and on $RUN.KEY... references to the summaries (a minus between two references needs spaces), so that a
+    difference, a ratio or a schedule value is computed, never typed. Returns the value, or a MISSING note."""
+    values, missing = {}, []
+
+    def reference(match):
+        text = lookup(runs, match.group(1), None)
+        value = _number_at(runs, match.group(1))
+        if value is None:
+            missing.append(text if MISSING in text else f'{MISSING}not a number: {match.group(1)}{MISSING}')
+            return '0'
+        name = f'_v{len(values)}'
+        values[name] = value
+        return name
+
+    source = CALC_REF.sub(reference, expression)
+    if missing:
+        return missing[0]
+
+    def evaluate(node):
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in values:
+            return values[node.id]
+        if isinstance(node, ast.Name) and node.id == 'pi':
+            return math.pi
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -evaluate(node.operand) if isinstance(node.op, ast.USub) else evaluate(node.operand)
+        ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+               ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](evaluate(node.left), evaluate(node.right))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CALC_FUNCTIONS \
+                and not node.keywords:
+            return CALC_FUNCTIONS[node.func.id](*[evaluate(a) for a in node.args])
+        raise ValueError(ast.dump(node)[:60])
+
+    try:
+        return evaluate(ast.parse(source, mode='eval'))
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
+        return f'{MISSING}cannot compute {{{{= {expression}}}}}: {type(exc).__name__}{MISSING}'
+
+
+def _number_at(runs, path):
+    """The number a placeholder path names, or None."""
+    key, *keys = path.split('.')
+    if key not in runs:
+        return None
+    value = runs[key][1]['metrics']
+    for k in keys:
+        if isinstance(value, list) and k.isdigit() and int(k) < len(value):
+            value = value[int(k)]
+        elif isinstance(value, dict) and k in value:
+            value = value[k]
+        else:
+            return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def fill(text, runs):
     told = set()
+
+    def calc(match):
+        value = calculate(match.group(1), runs)
+        return value if isinstance(value, str) else format_value(value, match.group(2))
+
+    text = CALC.sub(calc, text)
     return PLACEHOLDER.sub(lambda m: lookup(runs, m.group(1), m.group(2), told), text)
+
+
+# A literal number in the answers must be one that a run backs. Exempt: a number inside a sentence that cites a
+# paper (its numbers are the paper's), inside `code`, part of a word (ResNet-18, bf16, x₀), a question id, a year,
+# a paper's section, figure, table or equation number, and the counting numbers up to 10.
+LITERAL = re.compile(r'(?<![\w.\-/^·⁻])(\d+(?:,\d{3})*(?:\.\d+)?)(?![\w.]*\d)(?![A-Za-z_])')
+CITATION = re.compile(r'[A-Z][\w\-]+(?: et al| & [A-Z][\w\-]+)?,? \(?(?:19|20)\d\d|arXiv')
+EXEMPT_CONTEXT = re.compile(r'(?:Sec|Secs|Fig|Figs|Table|Tables|Appendix|Eq|Problem) $')
+
+
+def literal_numbers(text):
+    """(number text, sentence) of every literal number in answer text that is not exempt (above)."""
+    text = re.sub(r'`[^`]*`', ' ', CALC.sub(' ', PLACEHOLDER.sub(' ', text)))
+    ids = '|'.join(re.escape(q) for q in sorted(QUESTION_IDS, key=len, reverse=True))
+    text = re.sub(r'(?<![\d.,])(?:' + ids + r')(?![\d])', ' ', text)
+    found = []
+    text = re.sub(r'\b(et al|e\.g|i\.e|Sec|Secs|Fig|Figs|Eq|cf|vs)\.', r'\1', text)   # no sentence ends there
+    for sentence in re.split(r'(?<=[.;!?])\s+(?=[A-Z*])|\n\s*\n|\n\s*[-|]', text):
+        if CITATION.search(sentence):
+            continue
+        for match in LITERAL.finditer(sentence):
+            number = match.group(1)
+            before = sentence[:match.start()]
+            value = float(number.replace(',', ''))
+            if (value <= 10 and number.isdigit()) or EXEMPT_CONTEXT.search(before[-12:]):
+                continue
+            found.append((number, ' '.join(sentence.split())[:160]))
+    return found
+
+
+def backed_values(runs):
+    """Every number of every given summary (metrics and the run's arguments), for literal_numbers' check."""
+    values = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            values.append(float(node))
+
+    for _, summary in runs.values():
+        walk(summary['metrics'])
+        walk(summary.get('run', {}).get('args', {}))
+    return values
+
+
+def unbacked_numbers(text, runs):
+    """The literal numbers of `text` that no given run backs: a number is backed when some summary value (or 100
+    times it, a share in percent) rounds to it at the number's own precision."""
+    values = backed_values(runs)
+    out = []
+    for number, sentence in literal_numbers(text):
+        digits = len(number.partition('.')[2])
+        target = float(number.replace(',', ''))
+        tolerance = 0.5 * 10 ** -digits + 1e-9
+        if not any(abs(v - target) <= tolerance or abs(100 * v - target) <= tolerance for v in values):
+            out.append((number, sentence))
+    return out
+
+
+def runs_named(text):
+    """The run keys that text's placeholders and derived numbers read."""
+    return ({m.group(1).split('.')[0] for m in PLACEHOLDER.finditer(text)}
+            | {ref.split('.')[0] for m in CALC.finditer(text) for ref in CALC_REF.findall(m.group(1))})
+
+
+def unbacked_in_answers(answers_text, runs):
+    """unbacked_numbers of each answer and section (not the references) whose runs were all given; an answer that
+    names no run is checked against all of them."""
+    answers, sections = parse_answers(answers_text)
+    texts = [a.body + '\n\n' + '\n\n'.join(c for _, c in a.captions) for a in answers.values()]
+    texts += [body for name, body in sections.items() if name != 'References']
+    return [u for t in texts if runs and runs_named(t) <= set(runs) for u in unbacked_numbers(t, runs)]
 
 
 # ------------------------------------------------------------------------------------------------------ rendering
@@ -255,12 +474,18 @@ def inline(text):
     return re.sub(MISSING + '(.*?)' + MISSING, r'<font color="#b00000"><i>[\1]</i></font>', text)
 
 
-def markdown(text, styles):
-    from reportlab.platypus import Paragraph
+def markdown(text, styles, frame_width=None):
+    """The answers' markdown: paragraphs, '- ' lists and '|' tables (the first row is the header, the second the
+    |---| rule)."""
+    from reportlab.platypus import Paragraph, Spacer
     out = []
     for block in re.split(r'\n\s*\n', text.strip()):
         lines = block.split('\n')
-        if lines[0].lstrip().startswith('- '):   # a list: '- ' starts an item, other lines continue it
+        if lines[0].lstrip().startswith('|') and frame_width:
+            rows = [[cell.strip() for cell in line.strip().strip('|').split('|')] for line in lines
+                    if line.strip() and not re.fullmatch(r'[\s|:\-]+', line)]
+            out += [_table(rows, styles, frame_width, _fractions(rows)), Spacer(1, 6)]
+        elif lines[0].lstrip().startswith('- '):   # a list: '- ' starts an item, other lines continue it
             items = []
             for line in lines:
                 if line.lstrip().startswith('- '):
@@ -271,6 +496,13 @@ def markdown(text, styles):
         elif block.strip():
             out.append(Paragraph(inline(' '.join(line.strip() for line in lines)), styles['body']))
     return out
+
+
+def _fractions(rows):
+    """Column widths of a table in proportion to the square root of its longest cell (at least 6 % each)."""
+    longest = [max(len(row[i]) if i < len(row) else 0 for row in rows) for i in range(len(rows[0]))]
+    weights = [max(math.sqrt(max(n, 1)), 0.06 * sum(math.sqrt(max(m, 1)) for m in longest)) for n in longest]
+    return [w / sum(weights) for w in weights]
 
 
 def image_flowable(path, max_width, max_height):
@@ -308,7 +540,7 @@ def provenance_text(path, summary):
     if run.get('device_name') or summary['metrics'].get('device'):
         parts.append(f'device: {run.get("device_name") or summary["metrics"].get("device")}')
     if run.get('git_commit'):
-        parts.append(f'code: {str(run["git_commit"])[:12]}')
+        parts.append(f'code: {run["git_commit"]}')   # whole, with "-dirty" when the tree had changes
     if run.get('started'):
         parts.append(f'started {run["started"]}')
     return '; '.join(parts)
@@ -335,17 +567,20 @@ def scale_text(key, summary):
     return f'Scale of this run: {scale}. The full-size GPU run: `{HOW_TO_RUN[key]}`.'
 
 
-def figure_block(qid, path, summary, styles, frame_width, max_height):
-    """The question's figures, small ones two to a row, each captioned with its id and the run's provenance."""
+def figure_block(qid, path, summary, captions, styles, frame_width, max_height):
+    """The question's figures, small ones two to a row, each with its caption from the answer (a figure without
+    one is named in red) and, once, the run's provenance."""
     from reportlab.platypus import KeepTogether, Paragraph
     files = summary['figures'].get(qid, [])
     where = provenance_text(path, summary)
     out, row = [], []
     for i, name in enumerate(files, 1):
         file = os.path.join(path, name)
-        label = f'Figure {qid}' + (f' ({i} of {len(files)})' if len(files) > 1 else '') + f': {name}'
+        caption = caption_of(name, captions)
+        label = f'**Figure {qid}' + (f' ({i} of {len(files)})' if len(files) > 1 else '') + '.** ' + (
+            caption if caption else f'{MISSING}no caption for {name} in report/answers.md{MISSING}')
         if not os.path.exists(file):
-            out.append(Paragraph(inline(f'{MISSING}{label} is listed in {path}/summary.json but missing{MISSING}'),
+            out.append(Paragraph(inline(f'{MISSING}{name} is listed in {path}/summary.json but missing{MISSING}'),
                                  styles['body']))
             continue
         small = len(files) > 2 and image_flowable(file, 1e9, 1e9).drawWidth < 0.8 * frame_width
@@ -361,7 +596,7 @@ def figure_block(qid, path, summary, styles, frame_width, max_height):
     if row:
         out.append(_pair(row, frame_width))
     if files:
-        out.append(Paragraph(inline(f'All figures of {qid}: {where}.'), styles['caption']))
+        out.append(Paragraph(inline(f'The figures of {qid} come from {where}.'), styles['caption']))
     return out
 
 
@@ -372,35 +607,53 @@ def _pair(cells, frame_width):
     return table
 
 
+MATRIX_COLUMNS = 6   # configurations (or T values) per table in the appendix: more would not fit A4's width
+
+
 def metric_tables(metrics, styles, frame_width):
     """Every metric of a summary: scalars as name/value rows, parallel lists as columns, and dicts as matrices
-    (SimSiam configurations or T values as columns; a dict of dicts, like the probe's accuracies, as its own)."""
+    (SimSiam configurations or T values as columns, at most MATRIX_COLUMNS to a table; a dict of dicts, like the
+    probe's accuracies, as its own). Commits are listed by provenance_text, not here."""
     from reportlab.platypus import Paragraph
     out = []
-    scalars = [[k, format_value(v)] for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    scalars = [[f'`{k}`', format_value(v)] for k, v in metrics.items() if not isinstance(v, (dict, list))]
     if scalars:
         out.append(_table([['metric', 'value']] + scalars, styles, frame_width, [0.4, 0.6]))
     lists = {k: v for k, v in metrics.items() if isinstance(v, list)}
     if lists:
         n = max(len(v) for v in lists.values())
         rows = [[format_value(v[i]) if i < len(v) else '' for v in lists.values()] for i in range(n)]
-        out.append(_table([list(lists)] + rows, styles, frame_width))
-    flat = {k: v for k, v in metrics.items() if isinstance(v, dict) and not any(isinstance(x, dict)
-                                                                                 for x in v.values())}
-    if flat:
-        out.append(_matrix(flat, styles, frame_width))
+        out.append(_table([[f'`{k}`' for k in lists]] + rows, styles, frame_width))
+    flat = {k: {r: x for r, x in v.items() if r != 'git_commit'} for k, v in metrics.items()
+            if isinstance(v, dict) and not any(isinstance(x, dict) for x in v.values())}
+    names = list(flat)
+    for start in range(0, len(names), MATRIX_COLUMNS):
+        out.append(_matrix({k: flat[k] for k in names[start:start + MATRIX_COLUMNS]}, styles, frame_width))
     for name, value in metrics.items():
         if isinstance(value, dict) and name not in flat:
-            out.append(Paragraph(inline(f'**{name}**'), styles['cell']))
+            out.append(Paragraph(inline(f'`{name}`'), styles['cell']))
             out.append(_matrix({k: v for k, v in value.items() if isinstance(v, dict)}, styles, frame_width))
     return out
 
 
+def metric_keys(metrics):
+    """Every key metric_tables prints for a summary's metrics (the rows and columns a reader must have explained)."""
+    keys = []
+    for k, v in metrics.items():
+        if isinstance(v, dict) and not any(isinstance(x, dict) for x in v.values()):
+            keys += [r for r in v if r != 'git_commit']
+        elif isinstance(v, dict):
+            keys += [r for column in v.values() if isinstance(column, dict) for r in column]
+        else:
+            keys.append(k)
+    return list(dict.fromkeys(keys))
+
+
 def _matrix(columns, styles, frame_width):
     rows = list(dict.fromkeys(k for column in columns.values() for k in column))
-    table = [[''] + list(columns)] + [[r] + [format_value(c[r]) if r in c else '' for c in columns.values()]
+    table = [[''] + list(columns)] + [[f'`{r}`'] + [format_value(c[r]) if r in c else '' for c in columns.values()]
                                       for r in rows]
-    return _table(table, styles, frame_width)
+    return _table(table, styles, frame_width, [0.28] + [0.72 / len(columns)] * len(columns))
 
 
 def _table(rows, styles, frame_width, fractions=None):
@@ -427,40 +680,65 @@ def heading(text, style, level, styles):
     return p
 
 
-def front_matter(runs, styles):
-    """The title, then one line per run read (and per run still missing, with the command that makes it)."""
+def front_matter(runs, sections, styles, frame_width):
+    """Page 1: the title, the verdict of every question with its number (the Summary section of answers.md), the
+    assignment's settings against what was run (Settings), and the runs read."""
     from reportlab.platypus import Paragraph
     story = [Paragraph('Generative and self-supervised models: the study', styles['title']),
              Paragraph(inline(f'Built {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} by '
-                              f'`python make_report.py` from these runs (their summary.json files):'), styles['body'])]
-    for key, (path, summary) in runs.items():
-        story.append(Paragraph(inline(f'**{key}**: {provenance_text(path, summary)}'), styles['bullet'],
-                               bulletText='•'))
-    for key in (k for k in HOW_TO_RUN if k not in runs):
-        story.append(Paragraph(inline(f'**{key}**: {MISSING}not run yet: {HOW_TO_RUN[key]}{MISSING}'),
-                               styles['bullet'], bulletText='•'))
-    story.append(Paragraph(inline('Numbers in the answers come from these summaries through placeholders, so they '
-                                  'always match the runs; red bracketed text marks a run or a number that does not '
-                                  'exist yet, with the command that makes it.'), styles['body']))
+                              f'`python make_report.py` from the runs listed in Appendix A; every number comes '
+                              f'from their summary.json files.'), styles['body'])]
+    for name in ('Summary', 'Settings'):
+        if name in sections:
+            story += [heading(name, 'h2', 0, styles)] + markdown(fill(sections[name], runs), styles, frame_width)
+    missing = [k for k in HOW_TO_RUN if k not in runs]
+    if missing:
+        story.append(Paragraph(inline(f'{MISSING}Not run yet: ' + '; '.join(f'{k} ({HOW_TO_RUN[k]})' for k in missing)
+                                      + MISSING), styles['body']))
     return story
 
 
+def configuration_commits(summary):
+    """'name: commit' of each configuration of a multi-configuration run that records its own commit."""
+    return [f'{name}: {entry["git_commit"]}' for name, entry in summary['metrics'].items()
+            if isinstance(entry, dict) and entry.get('git_commit')]
+
+
 def measured_block(key, runs, styles, frame_width):
-    """A problem's run: where it comes from, at what scale, and its metric tables."""
+    """Appendix A's entry of a run: where it comes from, at what scale, the commit of each configuration, and its
+    metric tables."""
     from reportlab.platypus import Paragraph, Spacer
     path, summary = runs[key]
-    return [Paragraph(inline(f'Measured: {RUN_TITLES[key]}'), styles['h3']),
+    commits = configuration_commits(summary)
+    return [heading(f'{key}: {RUN_TITLES[key]}', 'h2', 1, styles),
             Paragraph(inline(provenance_text(path, summary)), styles['caption']),
             Paragraph(inline(scale_text(key, summary)), styles['caption']),
+            *([Paragraph(inline('Code of each configuration: ' + '; '.join(commits)), styles['caption'])]
+              if commits else []),
             *metric_tables(summary['metrics'], styles, frame_width), Spacer(1, 6)]
 
 
+def read_keys(text):
+    """report/keys.md -> {metric key: what it means}: a '- `key`: meaning' item each (indented lines continue it)."""
+    text = re.sub(r'\n[ \t]+', ' ', text)
+    return dict(re.findall(r'^- `([^`]+)`: (.+)$', text, flags=re.M))
+
+
+def keys_block(runs, keys, styles, frame_width):
+    """Appendix B: what every key printed in Appendix A means (a key without an explanation is named in red)."""
+    printed = list(dict.fromkeys(k for _, summary in runs.values() for k in metric_keys(summary['metrics'])))
+    rows = [['key', 'meaning']] + [[f'`{k}`', keys.get(k, f'{MISSING}not explained in report/keys.md{MISSING}')]
+                                   for k in sorted(printed)]
+    return [_table(rows, styles, frame_width, [0.3, 0.7])]
+
+
 def question_block(qid, answers, runs, styles, frame_width, max_height):
-    """A question: its heading, its figures (or what is missing and the command that makes them), its answer."""
+    """A question: its heading, its figures (or what is missing and the command that makes them), its answer
+    (whose own tables stand in it)."""
     from reportlab.platypus import KeepTogether, Paragraph
-    title_text, body = answers.get(qid, ('', ''))
-    block = [heading(f'{qid} {title_text}'.strip(), 'h2', 1, styles)]
-    source = FIGURE_SOURCE.get(qid)
+    answer = answers.get(qid, Answer('', '', []))
+    block = [heading(f'{qid} {answer.title}'.strip(), 'h2', 1, styles)]
+    source = figure_source(qid, runs)
     if source is not None:
         if source not in runs:
             block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not run yet: {HOW_TO_RUN[source]}'
@@ -469,24 +747,35 @@ def question_block(qid, answers, runs, styles, frame_width, max_height):
             block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not in {runs[source][0]}; make them '
                                           f'with {HOW_TO_RUN[source]}{MISSING}'), styles['body']))
         else:
-            block += figure_block(qid, *runs[source], styles, frame_width, max_height)
-    if body:
-        block += markdown(fill(body, runs), styles)
+            block += figure_block(qid, *runs[source], [(p, fill(c, runs)) for p, c in answer.captions], styles,
+                                  frame_width, max_height)
+    if answer.body:
+        block += markdown(fill(answer.body, runs), styles, frame_width)
     else:
         block.append(Paragraph(inline(f'{MISSING}no written answer for {qid} in report/answers.md{MISSING}'),
                                styles['body']))
     return [KeepTogether(block[:2])] + block[2:]   # a heading never ends a page alone
 
 
+class Layout(NamedTuple):
+    pages: int
+    sparse: list       # pages under a third full that do not end a section (the page after starts none)
+
+
+SPARSE = 1 / 3   # a page filled less than this, when no section ends on it, is a layout defect
+
+
 def render_pdf(story, out_path):
-    """Lay the story out on A4 with page footers and bookmarks; write it atomically. Returns the page count."""
+    """Lay the story out on A4 with page footers and bookmarks; write it atomically. Returns the Layout: the page
+    count and the sparse pages."""
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
     from reportlab.platypus import SimpleDocTemplate
     page_w, _ = A4
+    lowest, opens_section = {}, {}   # page -> the lowest y drawn on it; page -> whether it starts a section
 
     class Doc(SimpleDocTemplate):
-        """Headings become PDF bookmarks, so a reader can jump to any question id."""
+        """Headings become PDF bookmarks, so a reader can jump to any question id; and each page's fill is noted."""
 
         def afterFlowable(self, flowable):
             level = getattr(flowable, 'outline_level', None)
@@ -494,6 +783,11 @@ def render_pdf(story, out_path):
                 key = f'h{id(flowable)}'
                 self.canv.bookmarkPage(key)
                 self.canv.addOutlineEntry(flowable.outline_title, key, level=level, closed=False)
+            if self.frame is None or type(flowable).__name__ in ('PageBreak', 'Spacer', 'LCActionFlowable') \
+                    or type(flowable).__name__.startswith('_'):   # breaks and page actions draw nothing
+                return
+            opens_section.setdefault(self.page, level == 0)
+            lowest[self.page] = min(lowest.get(self.page, self.frame._y), self.frame._y)
 
     def footer(canvas, doc):
         canvas.saveState()
@@ -508,38 +802,56 @@ def render_pdf(story, out_path):
     doc.build(story, onFirstPage=footer, onLaterPages=footer)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     write_atomically(out_path, pdf.getvalue(), fix='free space or choose another --out')
-    return doc.page
+    top, height = doc.bottomMargin + doc.height, doc.height
+    sparse = [p for p in range(1, doc.page) if (top - lowest.get(p, top)) / height < SPARSE
+              and not opens_section.get(p + 1, False)]
+    return Layout(doc.page, sparse)
 
 
-def build(runs, answers_text, out_path):
-    """Write the PDF (atomically: the previous one is kept if writing fails); returns the number of pages."""
+def build(runs, answers_text, keys_text, out_path, answers_name='report/answers.md'):
+    """Write the PDF (atomically: the previous one is kept if writing fails); returns its Layout. Refuses, before
+    the slow work, an answer that states a number no run backs (unbacked_numbers)."""
     from reportlab import rl_config
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
     from reportlab.platypus import PageBreak
+    unbacked = unbacked_in_answers(answers_text, runs)
+    if unbacked:
+        number, sentence = unbacked[0]
+        problem = (f'{answers_name} states {number} ("{sentence}") and no given run backs it: cite the run with a '
+                   f'placeholder ({{{{RUN.KEY}}}}, or {{{{= EXPR}}}} for a derived number), or the paper in the same '
+                   f'sentence ({len(unbacked)} such numbers in all)')
+        if set(HOW_TO_RUN) <= set(runs):   # the whole report: refused
+            raise UserError(problem)
+        print(f'warning: {problem}; a report of every run would be refused', file=sys.stderr)   # a draft
     rl_config.useA85 = 0   # binary image streams: ASCII85 text encoding would add a quarter to every figure
     fonts()
     styles = make_styles()
-    answers, references = parse_answers(answers_text)
+    answers, sections = parse_answers(answers_text)
     page_w, page_h = A4
     frame_width, max_height = page_w - 4 * cm, page_h * 0.42
 
-    story = front_matter(runs, styles)
+    story = front_matter(runs, sections, styles, frame_width)
     for title, keys, qids in PROBLEMS:
         story += [PageBreak(), heading(title, 'h1', 0, styles)]
-        for key in (k for k in keys if k in runs):
-            story += measured_block(key, runs, styles, frame_width)
         for qid in qids:
             story += question_block(qid, answers, runs, styles, frame_width, max_height)
-    if references:
-        story += [PageBreak(), heading('References', 'h1', 0, styles)] + markdown(references, styles)
+    if 'References' in sections:
+        story += [PageBreak(), heading('References', 'h1', 0, styles)] + markdown(sections['References'], styles)
+    if runs:
+        story += [PageBreak(), heading('Appendix A: every metric of every run', 'h1', 0, styles)]
+        for key in (k for _, keys, _ in PROBLEMS for k in keys if k in runs):
+            story += measured_block(key, runs, styles, frame_width)
+        story += [PageBreak(), heading('Appendix B: what the metric keys mean', 'h1', 0, styles)]
+        story += keys_block(runs, read_keys(keys_text), styles, frame_width)
     return render_pdf(story, out_path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
     parser.add_argument('runs', nargs='*', metavar='RUN_DIR',
-                        help='finished run folders (each with summary.json); missing ones are marked in the report')
+                        help='finished run folders (each with summary.json); missing ones are marked in the report. '
+                             'A second run of one model takes a key: simsiam-questions=FOLDER')
     parser.add_argument('--out', default='report.pdf', help='the PDF to write')
     parser.add_argument('--answers', default=DEFAULT_ANSWERS, help='the written answers (markdown with placeholders)')
     args = parser.parse_args(argv)
@@ -554,9 +866,13 @@ def main(argv=None):
             raise UserError(f'cannot read the answers {args.answers} ({why}): pass a markdown file with '
                             f'--answers') from exc
         check_figures(runs)
-        pages = build(runs, answers, args.out)
-        print(f'{args.out}: {pages} pages from {len(runs)} runs ({", ".join(runs) or "none"})')
-        return pages
+        keys = open(KEYS, encoding='utf-8').read()
+        layout = build(runs, answers, keys, args.out, args.answers)
+        print(f'{args.out}: {layout.pages} pages from {len(runs)} runs ({", ".join(runs) or "none"})')
+        if layout.sparse:
+            print(f'warning: pages {", ".join(map(str, layout.sparse))} are less than a third full and end no '
+                  f'section', file=sys.stderr)
+        return layout.pages
 
 
 if __name__ == '__main__':

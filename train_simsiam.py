@@ -534,6 +534,15 @@ def config_dir(args, name):
     return os.path.join(args.out_dir, name) if args.experiment != 'single' else args.out_dir
 
 
+def configuration_commit(folder):
+    """The git commit a configuration's config.json records (the code its training last started with), or None."""
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            return json.load(f).get('git_commit')
+    except (OSError, ValueError):
+        return None
+
+
 def check_out_dir(args, names):
     """Before training anything: a fresh start never replaces a finished run or configuration, and a resume
     needs a SimSiam run there (not a missing folder, nor another model's run)."""
@@ -582,6 +591,8 @@ def train(args, command, ranks):
 
     exp = RunDir(args.out_dir)
     logs = {name: RunDir(os.path.join(args.out_dir, name)).read_metrics() for name in names}
+    for name in names:   # each configuration's own code: a stopped experiment resumed later ran newer code
+        results[name] = dict(results[name], git_commit=configuration_commit(os.path.join(args.out_dir, name)))
     dims = {name: results[name]['dim'] for name in names}
     figures = {}
     scale = (f'{args.arch}, {len(train_x):,} CIFAR-10 training images (the kNN bank), '

@@ -124,12 +124,12 @@ def test_the_committed_report_stays_under_2_mib():
 
 
 def test_every_question_has_a_written_answer_with_known_placeholders():
-    answers, references = make_report.parse_answers(open(make_report.DEFAULT_ANSWERS).read())
+    answers, sections = make_report.parse_answers(open(make_report.DEFAULT_ANSWERS).read())
     assert list(answers) == make_report.QUESTION_IDS
-    assert references.count('\n- ') >= 5
-    for qid, (title, body) in answers.items():
-        assert title and len(body.split()) >= 60, qid
-        for path, _ in make_report.PLACEHOLDER.findall(body):
+    assert sections['References'].count('\n- ') >= 5 and {'Summary', 'Settings'} <= set(sections)
+    for qid, answer in answers.items():
+        assert answer.title and len(answer.body.split()) >= 60, qid
+        for path, _ in make_report.PLACEHOLDER.findall(answer.body):
             assert path.split('.')[0] in make_report.HOW_TO_RUN, (qid, path)
 
 
@@ -138,16 +138,20 @@ def report_inputs():
     folders under plots/, such as plots/simsiam-questions, are not in it)."""
     text = open(os.path.join(ROOT, 'README.md')).read()
     command = text[text.index('python make_report.py'):text.index('--out plots/report.pdf')]
-    return [os.path.join(ROOT, word) for word in command.split() if word.startswith('plots/')]
+    return [word.replace('plots/', os.path.join(ROOT, 'plots') + '/') for word in command.split()
+            if 'plots/' in word]
 
 
 def test_committed_runs_resolve_every_placeholder_that_names_them():
     """A typo in a placeholder would print 'not measured' in the committed report: none may."""
     inputs = report_inputs()
-    assert len(inputs) == 6 and all(os.path.exists(os.path.join(p, 'summary.json')) for p in inputs)
+    assert len(inputs) == 7 and all(os.path.exists(os.path.join(p.rpartition('=')[2], 'summary.json'))
+                                    for p in inputs)
     runs = make_report.read_runs(inputs)
     text = open(make_report.DEFAULT_ANSWERS).read()
-    assert make_report.MISSING + 'not measured' not in make_report.fill(text, runs)
+    filled = make_report.fill(text, runs)
+    assert make_report.MISSING + 'not measured' not in filled and 'cannot compute' not in filled
+    assert make_report.MISSING + 'not a number' not in filled
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, two_runs, capsys):
@@ -171,3 +175,94 @@ def test_a_file_that_is_not_a_summary_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         make_report.main([str(tmp_path), '--out', str(tmp_path / 'r.pdf')])
     assert 'is unreadable' in capsys.readouterr().err
+
+
+def test_a_run_given_as_key_equals_folder_answers_under_that_key(tmp_path, capsys):
+    first = _run(tmp_path / 'a', 'simsiam', {'3.4': ['3.4_a.png']}, {'baseline': {'final_knn_top1': 30.0}})
+    second = _run(tmp_path / 'b', 'simsiam', {'3.7': ['3.7_b.png']},
+                  {'baseline': {'final_knn_top1': 31.0, 'git_commit': 'abc-dirty'}})
+    runs = make_report.read_runs([first, f'simsiam-questions={second}'])
+    assert make_report.fill('{{simsiam.baseline.final_knn_top1}} {{simsiam-questions.baseline.final_knn_top1}}',
+                            runs) == '30 31'
+    assert make_report.figure_source('3.4', runs) == 'simsiam' and make_report.figure_source('3.7', runs) == \
+        'simsiam-questions'
+    assert make_report.configuration_commits(runs['simsiam-questions'][1]) == ['baseline: abc-dirty']
+    for bad, why in [(f'nope={second}', "unknown run key 'nope'"),
+                     (f'simsiam-questions={_run(tmp_path / "v", "vae", {}, {})}', 'must be a simsiam run')]:
+        with pytest.raises(SystemExit) as exc:
+            make_report.main([bad, '--out', str(tmp_path / 'r.pdf')])
+        assert exc.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_derived_numbers_are_computed_from_the_runs_and_the_schedule(two_runs):
+    runs = make_report.read_runs(two_runs)
+    # alphabar against a direct product of the template's linear betas
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert make_report.alphabar(249) == pytest.approx(np.prod(1 - betas[:250]), rel=1e-12)
+    assert make_report.fill('{{= 1/sqrt(2048):.4f}}; {{= snr(0):.0f}}', runs) == '0.0221; 9999'
+    assert make_report.fill('{{= $simsiam.baseline.final_knn_top1 - $simsiam.no-stop-grad.final_knn_top1 :.2f}}',
+                            runs) == '18.91'
+    missing = make_report.fill('{{= $ddpm.t_star * 2}} {{= $vae.device + 1}} {{= open(1)}}', runs)
+    assert missing.count(make_report.MISSING) == 6
+    assert 'not run yet' in missing and 'not a number: vae.device' in missing and 'cannot compute' in missing
+
+
+def test_the_build_refuses_a_number_that_no_run_backs(two_runs, tmp_path, capsys, monkeypatch):
+    runs = make_report.read_runs(two_runs)
+    ok = ('The VAE trained 30 epochs at 8.35 bits/dim, kNN 28.9% (ResNet-18, bf16, 3.4 and 1.3b, Sec. 4.1). '
+          'The paper reports 67.7% (Chen & He, 2021). Derived: {{= 1/sqrt(2048):.4f}}. `--lr 0.03` in code.')
+    assert make_report.unbacked_numbers(ok, runs) == []
+    bad = 'The kNN reached 57.3% here, and 2,893 nats.'
+    assert [n for n, _ in make_report.unbacked_numbers(bad, runs)] == ['57.3', '2,893']
+    assert [n for n, _ in make_report.unbacked_numbers('a share of 0.289 is 28.906%', runs)] == ['0.289']
+    answers = tmp_path / 'answers.md'
+    answers.write_text('## 1.3a Time\n\nThe run took 123.4 s.\n')
+    make_report.main(two_runs + ['--answers', str(answers), '--out', str(tmp_path / 'r.pdf')])   # a draft: warned
+    assert 'warning: ' in capsys.readouterr().err
+    monkeypatch.setattr(make_report, 'HOW_TO_RUN', {'vae': 'v', 'simsiam': 's'})   # now the whole report
+    with pytest.raises(SystemExit) as exc:
+        make_report.main(two_runs + ['--answers', str(answers), '--out', str(tmp_path / 'r.pdf')])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and 'states 123.4' in err and 'no given run backs it' in err
+
+
+def test_captions_tables_and_the_appendix_are_rendered(two_runs, tmp_path):
+    answers = tmp_path / 'answers.md'
+    answers.write_text('## Summary\n\n| question | verdict |\n|---|---|\n| 3.4 | collapse at '
+                       '{{simsiam.no-stop-grad.final_knn_top1:.1f}}% |\n\n## 1.3b Samples\n\n'
+                       'Figure 1.3b_*.png: samples of {{vae.epochs}} epochs\n\nSome text.\n')
+    parsed, sections = make_report.parse_answers(answers.read_text())
+    assert parsed['1.3b'].captions == [('1.3b_*.png', 'samples of {{vae.epochs}} epochs')]
+    assert 'Figure' not in parsed['1.3b'].body and 'Summary' in sections
+    assert make_report.caption_of('1.3b_samples_epoch005.png', [('1.3b_*', 'at epoch {epoch}')]) == 'at epoch 5'
+    out = tmp_path / 'r.pdf'
+    make_report.main(two_runs + ['--answers', str(answers), '--out', str(out)])
+    titles = outline_titles(out.read_bytes())
+    assert 'Appendix A: every metric of every run' in titles and 'Appendix B: what the metric keys mean' in titles
+    keys = make_report.read_keys(open(make_report.KEYS).read())
+    assert keys['final_knn_top1'].endswith('after the last epoch, %.')   # an item continued on the next line
+
+
+def test_every_metric_key_of_the_committed_runs_is_explained():
+    keys = make_report.read_keys(open(make_report.KEYS).read())
+    runs = make_report.read_runs(report_inputs())
+    printed = {k for _, summary in runs.values() for k in make_report.metric_keys(summary['metrics'])}
+    assert sorted(printed - set(keys)) == []
+
+
+def test_the_committed_answers_state_no_number_that_no_run_backs():
+    runs = make_report.read_runs(report_inputs())
+    assert make_report.unbacked_in_answers(open(make_report.DEFAULT_ANSWERS).read(), runs) == []
+
+
+def test_a_sparse_page_that_ends_no_section_is_reported(tmp_path):
+    from reportlab.platypus import PageBreak, Paragraph
+    make_report.fonts()
+    styles = make_report.make_styles()
+    story = [Paragraph('one line', styles['body']), PageBreak(), make_report.heading('A', 'h1', 0, styles),
+             Paragraph('another line', styles['body']), PageBreak(), Paragraph('x ' * 3000, styles['body']),
+             PageBreak(), Paragraph('last', styles['body'])]
+    layout = make_report.render_pdf(story, str(tmp_path / 'r.pdf'))
+    # page 1 is sparse but the next page opens a section; page 2 is sparse and the next does not; page 3 is full
+    # (and runs on to page 4); the last page may be short
+    assert layout.pages >= 4 and layout.sparse == [2]

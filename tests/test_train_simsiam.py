@@ -38,7 +38,8 @@ def test_experiment_writes_figures_metrics_and_one_folder_per_configuration(expe
     assert summary['metrics']['no-stop-grad']['stop_grad'] is False
     for name in ('baseline', 'no-stop-grad'):
         m = json.load(open(out / name / 'summary.json'))['metrics']
-        assert m == results[name]
+        commit = json.load(open(out / name / 'config.json'))['git_commit']
+        assert summary['metrics'][name] == results[name] == dict(m, git_commit=commit)   # each one's own code
         assert 0 <= m['final_knn_top1'] <= 100 and 0 <= m['linear_probe_top1'] <= 100
         assert -1 <= m['final_train_loss'] <= 1 and m['epochs'] == 2
         rows = [json.loads(line) for line in open(out / name / 'metrics.jsonl')]
