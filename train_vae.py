@@ -159,7 +159,9 @@ def posterior_mean_variance(model, images):
 
 def save_class_minus_mean(profile, variance, folder, epoch, *, n_images):
     """1.3e, the offset removed: the mean over the ten digits of their profiles (what every digit shares), each
-    digit's profile minus it (what tells the digit apart) with its 3 largest dimensions, and the active units."""
+    digit's profile minus it (what tells the digit apart) with its 3 largest dimensions, and the active units.
+    Returns (figure path, the latent metrics of summary.json: active_units, the offset's largest dimension and
+    value, and each digit's largest class-specific dimension and value)."""
     plt = pyplot()
     offset = profile.mean(0)                                                    # (z,)
     specific = profile - offset                                                 # (10, z)
@@ -197,7 +199,10 @@ def save_class_minus_mean(profile, variance, folder, epoch, *, n_images):
     with open(folder.file('1.3e_class_minus_mean.json'), 'w') as f:
         json.dump({'offset': offset.tolist(), 'top_dims': marks, 'posterior_mean_variance': variance.tolist(),
                    'active_units': active}, f, indent=1)
-    return path, len(active)
+    offset_dim = int(offset.abs().argmax())
+    top = specific.abs().argmax(1)                                              # (10,)
+    return path, dict(active_units=len(active), offset_dim=offset_dim, offset_value=float(offset[offset_dim]),
+                      class_top_dim=top.tolist(), class_top_value=specific.gather(1, top[:, None])[:, 0].tolist())
 
 
 @torch.no_grad()
@@ -371,8 +376,8 @@ def final_stage(study):
     run.folder.save_samples(samples)
     profiles, profile = save_latent_profiles(model, study.train_x, study.train_y, args.profile_per_class,
                                              run.folder, epoch)
-    minus_mean, active_units = save_class_minus_mean(profile, posterior_mean_variance(model, study.train_x),
-                                                     run.folder, epoch, n_images=len(study.train_x))
+    minus_mean, latent = save_class_minus_mean(profile, posterior_mean_variance(model, study.train_x),
+                                               run.folder, epoch, n_images=len(study.train_x))
     figures['1.3e'] = [profiles, minus_mean]
     figures['1.3f'] = [save_interpolations(study, epoch)]
     ll = test_log_likelihood(model, study.test_x, args.ll_k)
@@ -381,7 +386,7 @@ def final_stage(study):
                    final_train_loss=last['train_loss'], final_test_neg_elbo=last['test_neg_elbo'],
                    final_test_nll=last['test_nll'], final_test_kl=last['test_kl'],
                    test_log_likelihood=ll, test_bits_per_dim=bits_per_dim(ll), ll_k=args.ll_k,
-                   active_units=active_units,
+                   **latent,
                    **time_metrics(rows), device=run.config['device_name'])
     run.write_summary('vae', figures, metrics)
     return metrics

@@ -66,6 +66,10 @@ def test_every_figure_and_metric(two_epoch_run):
     for digit, marks in minus['top_dims'].items():   # each digit's largest |profile - offset|
         diff = torch.tensor(profile['profile'][int(digit)]) - offset
         assert [d for d, _ in marks] == diff.abs().argsort(descending=True)[:3].tolist()
+        assert summary['metrics']['class_top_dim'][int(digit)] == marks[0][0]   # the summary names the largest
+        assert summary['metrics']['class_top_value'][int(digit)] == pytest.approx(float(diff[marks[0][0]]), abs=1e-6)
+    assert summary['metrics']['offset_dim'] == int(offset.abs().argmax())
+    assert summary['metrics']['offset_value'] == pytest.approx(float(offset[int(offset.abs().argmax())]), abs=1e-6)
 
 
 def test_active_units_count_the_posterior_means_that_vary(data_dir, two_epoch_run):
