@@ -228,8 +228,8 @@ def lookup(runs, path, spec, told=None):
         if told is not None:
             told.add(key)
         return MISSING + f'not run yet: {HOW_TO_RUN.get(key, key)}' + MISSING
-    value = runs[key][1]['metrics']
-    for k in keys:
+    value = _root(runs[key][1], keys)
+    for k in keys[1:] if value is not runs[key][1]['metrics'] else keys:
         if isinstance(value, list) and k.isdigit() and int(k) < len(value):   # a list's entry by its index
             value = value[int(k)]
             continue
@@ -322,13 +322,21 @@ def calculate(expression, runs):
         return f'{MISSING}cannot compute {{{{= {expression}}}}}: {type(exc).__name__}{MISSING}'
 
 
+def _root(summary, keys):
+    """Where a placeholder's keys start: the summary's metrics, or, for RUN.args.NAME (when the metrics hold no
+    'args'), the arguments the run was started with."""
+    if keys and keys[0] == 'args' and 'args' not in summary['metrics']:
+        return summary.get('run', {}).get('args', {})
+    return summary['metrics']
+
+
 def _number_at(runs, path):
     """The number a placeholder path names, or None."""
     key, *keys = path.split('.')
     if key not in runs:
         return None
-    value = runs[key][1]['metrics']
-    for k in keys:
+    value = _root(runs[key][1], keys)
+    for k in keys[1:] if value is not runs[key][1]['metrics'] else keys:
         if isinstance(value, list) and k.isdigit() and int(k) < len(value):
             value = value[int(k)]
         elif isinstance(value, dict) and k in value:
@@ -364,7 +372,7 @@ def literal_numbers(text):
     text = re.sub(r'(?<![\d.,])(?:' + ids + r')(?![\d])', ' ', text)
     found = []
     text = re.sub(r'\b(et al|e\.g|i\.e|Sec|Secs|Fig|Figs|Eq|cf|vs)\.', r'\1', text)   # no sentence ends there
-    for sentence in re.split(r'(?<=[.;!?])\s+(?=[A-Z*])|\n\s*\n|\n\s*[-|]', text):
+    for sentence in re.split(r'(?<=[.!?])\s+(?=[A-Z*])|\n\s*\n|\n\s*[-|]', text):
         if CITATION.search(sentence):
             continue
         for match in LITERAL.finditer(sentence):
@@ -390,6 +398,8 @@ def backed_values(runs):
                 walk(v)
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             values.append(float(node))
+        if isinstance(node, dict):   # the runs' own labels: T1500, dim4096, barlow-2048
+            values.extend(float(n) for key in node for n in re.findall(r'\d+', str(key)))
 
     for _, summary in runs.values():
         walk(summary['metrics'])
@@ -422,7 +432,9 @@ def unbacked_in_answers(answers_text, runs):
     names no run is checked against all of them."""
     answers, sections = parse_answers(answers_text)
     texts = [a.body + '\n\n' + '\n\n'.join(c for _, c in a.captions) for a in answers.values()]
-    texts += [body for name, body in sections.items() if name != 'References']
+    texts += [body for name, body in sections.items() if name not in ('References', 'Settings')]
+    if 'Settings' in sections:   # its second column states the course template's settings, not a run's
+        texts.append(re.sub(r'^(\|[^|\n]*\|)[^|\n]*\|', r'\1 |', sections['Settings'], flags=re.M))
     return [u for t in texts if runs and runs_named(t) <= set(runs) for u in unbacked_numbers(t, runs)]
 
 
