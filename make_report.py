@@ -589,6 +589,7 @@ def figure_block(qid, path, summary, captions, styles, frame_width, max_height):
     for i, name in enumerate(files, 1):
         file = os.path.join(path, name)
         caption = caption_of(name, captions)
+        caption = caption[:1].upper() + caption[1:] if caption else caption
         label = f'**Figure {qid}' + (f' ({i} of {len(files)})' if len(files) > 1 else '') + '.** ' + (
             caption if caption else f'{MISSING}no caption for {name} in report/answers.md{MISSING}')
         if not os.path.exists(file):
@@ -744,12 +745,12 @@ def keys_block(runs, keys, styles, frame_width):
     return [_table(rows, styles, frame_width, [0.3, 0.7])]
 
 
-def question_block(qid, answers, runs, styles, frame_width, max_height):
+def question_block(qid, answers, runs, styles, frame_width, max_height, lead=()):
     """A question: its heading, its figures (or what is missing and the command that makes them), its answer
-    (whose own tables stand in it)."""
+    (whose own tables stand in it). `lead` (a problem's heading) is kept on the page of the question's start."""
     from reportlab.platypus import KeepTogether, Paragraph
     answer = answers.get(qid, Answer('', '', []))
-    block = [heading(f'{qid} {answer.title}'.strip(), 'h2', 1, styles)]
+    block = [*lead, heading(f'{qid} {answer.title}'.strip(), 'h2', 1, styles)]
     source = figure_source(qid, runs)
     if source is not None:
         if source not in runs:
@@ -766,7 +767,9 @@ def question_block(qid, answers, runs, styles, frame_width, max_height):
     else:
         block.append(Paragraph(inline(f'{MISSING}no written answer for {qid} in report/answers.md{MISSING}'),
                                styles['body']))
-    return [KeepTogether(block[:2])] + block[2:]   # a heading never ends a page alone
+    keep = len(lead) + 2
+    head = [f for item in block[:keep] for f in (item._content if isinstance(item, KeepTogether) else [item])]
+    return [KeepTogether(head)] + block[keep:]   # a heading never ends a page alone (nor nests a KeepTogether)
 
 
 class Layout(NamedTuple):
@@ -795,8 +798,9 @@ def render_pdf(story, out_path):
                 key = f'h{id(flowable)}'
                 self.canv.bookmarkPage(key)
                 self.canv.addOutlineEntry(flowable.outline_title, key, level=level, closed=False)
-            if self.frame is None or type(flowable).__name__ in ('PageBreak', 'Spacer', 'LCActionFlowable') \
-                    or type(flowable).__name__.startswith('_'):   # breaks and page actions draw nothing
+            name = type(flowable).__name__
+            if self.frame is None or name in ('PageBreak', 'Spacer') or name.startswith('_') \
+                    or name.endswith('ActionFlowable'):   # breaks and layout actions draw nothing
                 return
             opens_section.setdefault(self.page, level == 0)
             lowest[self.page] = min(lowest.get(self.page, self.frame._y), self.frame._y)
@@ -845,9 +849,10 @@ def build(runs, answers_text, keys_text, out_path, answers_name='report/answers.
 
     story = front_matter(runs, sections, styles, frame_width)
     for title, keys, qids in PROBLEMS:
-        story += [PageBreak(), heading(title, 'h1', 0, styles)]
-        for qid in qids:
-            story += question_block(qid, answers, runs, styles, frame_width, max_height)
+        story.append(PageBreak())
+        for i, qid in enumerate(qids):
+            lead = [heading(title, 'h1', 0, styles)] if i == 0 else []
+            story += question_block(qid, answers, runs, styles, frame_width, max_height, lead)
     if 'References' in sections:
         story += [PageBreak(), heading('References', 'h1', 0, styles)] + markdown(sections['References'], styles)
     if runs:
