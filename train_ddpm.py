@@ -55,7 +55,9 @@ DEFAULTS = dict(
 )
 DIM, DIM_MULTS = 32, (1, 2, 4, 8)   # U-Net base channels and their multiplier per resolution (the template's)
 SWEEP_GRID = 8                      # of the 2.2c sweep's test images, those shown in its grid
-SWEEP_BATCH = 1024                  # images per reverse step of the sweep (memory only, not results)
+# images per reverse step of the sweep, by device: one CPU core runs the U-Net ~1.8x faster per image at 64 than at
+# 1024 (cache). Each batch draws its noise in turn, so another split draws other, equally distributed noise.
+SWEEP_BATCH = {'cpu': 64, 'cuda': 1024}
 QUALITY_REFERENCE = 2000            # test images the sample-quality measure compares against
 RECIPES = {
     'assignment': {},   # the template's settings, sampled as the template samples
@@ -206,7 +208,7 @@ def t_prime_sweep(diffusion, model, x0, t_primes, seed):
         x = noised.clone()
         for i in tqdm(reversed(range(max(t_primes) + 1)), total=max(t_primes) + 1, desc="t' sweep", leave=False):
             active = torch.nonzero(start >= i).flatten()
-            for rows in active.split(SWEEP_BATCH):
+            for rows in active.split(SWEEP_BATCH.get(x.device.type, 64)):
                 t = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
                 x[rows] = diffusion.p_sample(model, x[rows], t, i)
     return noised.view(k, b, *x0.shape[1:]), x.view(k, b, *x0.shape[1:])
