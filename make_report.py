@@ -579,7 +579,7 @@ def scale_text(key, summary):
     return f'Scale of this run: {scale}. The full-size GPU run: `{HOW_TO_RUN[key]}`.'
 
 
-def figure_block(qid, path, summary, captions, styles, frame_width, max_height):
+def figure_block(qid, path, summary, styles, frame_width, max_height, *, captions):
     """The question's figures, small ones two to a row, each with its caption from the answer (a figure without
     one is named in red) and, once, the run's provenance."""
     from reportlab.platypus import KeepTogether, Paragraph
@@ -745,7 +745,7 @@ def keys_block(runs, keys, styles, frame_width):
     return [_table(rows, styles, frame_width, [0.3, 0.7])]
 
 
-def question_block(qid, answers, runs, styles, frame_width, max_height, lead=()):
+def question_block(qid, answers, runs, styles, frame_width, max_height, *, lead=()):
     """A question: its heading, its figures (or what is missing and the command that makes them), its answer
     (whose own tables stand in it). `lead` (a problem's heading) is kept on the page of the question's start."""
     from reportlab.platypus import KeepTogether, Paragraph
@@ -760,8 +760,8 @@ def question_block(qid, answers, runs, styles, frame_width, max_height, lead=())
             block.append(Paragraph(inline(f'{MISSING}Figures of {qid}: not in {runs[source][0]}; make them '
                                           f'with {HOW_TO_RUN[source]}{MISSING}'), styles['body']))
         else:
-            block += figure_block(qid, *runs[source], [(p, fill(c, runs)) for p, c in answer.captions], styles,
-                                  frame_width, max_height)
+            block += figure_block(qid, *runs[source], styles, frame_width, max_height,
+                                  captions=[(p, fill(c, runs)) for p, c in answer.captions])
     if answer.body:
         block += markdown(fill(answer.body, runs), styles, frame_width)
     else:
@@ -852,7 +852,7 @@ def build(runs, answers_text, keys_text, out_path, answers_name='report/answers.
         story.append(PageBreak())
         for i, qid in enumerate(qids):
             lead = [heading(title, 'h1', 0, styles)] if i == 0 else []
-            story += question_block(qid, answers, runs, styles, frame_width, max_height, lead)
+            story += question_block(qid, answers, runs, styles, frame_width, max_height, lead=lead)
     if 'References' in sections:
         story += [PageBreak(), heading('References', 'h1', 0, styles)] + markdown(sections['References'], styles)
     if runs:
