@@ -10,6 +10,7 @@ never code.
 import argparse
 import contextlib
 import errno
+import functools
 import io
 import json
 import math
@@ -39,8 +40,11 @@ OLD_MODEL_HELP = {'ddpm': ('its U-Net conditions on time by scale/shift, while t
                            'adds the time embedding')}
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit():
-    """The code version: the commit hash, with '-dirty' when the tree has uncommitted changes; None outside git."""
+    """The code version: the commit hash, with '-dirty' when the tree has uncommitted changes; None outside git.
+    Read once per process (cached): every configuration of a long SimSiam experiment records the code the process
+    started with, not whatever the tree holds when that configuration begins."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
