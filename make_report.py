@@ -358,8 +358,9 @@ def fill(text, runs):
 
 
 # A literal number in the answers must be one that a run backs. Exempt: a number inside a sentence that cites a
-# paper (its numbers are the paper's), inside `code`, part of a word (ResNet-18, bf16, x₀), a question id, a year,
-# a paper's section, figure, table or equation number, and the counting numbers up to 10.
+# paper (its numbers are the paper's) or that starts "For example" (a worked example, no claim about a run), inside
+# `code`, part of a word (ResNet-18, bf16, x₀), a question id, a paper's section, figure, table or equation number,
+# and the counting numbers up to 10.
 LITERAL = re.compile(r'(?<![\w.\-/^·⁻])(\d+(?:,\d{3})*(?:\.\d+)?)(?![\w.]*\d)(?![A-Za-z_])')
 CITATION = re.compile(r'[A-Z][\w\-]+(?: et al| & [A-Z][\w\-]+)?,? \(?(?:19|20)\d\d|arXiv')
 EXEMPT_CONTEXT = re.compile(r'(?:Sec|Secs|Fig|Figs|Table|Tables|Appendix|Eq|Problem) $')
@@ -373,7 +374,7 @@ def literal_numbers(text):
     found = []
     text = re.sub(r'\b(et al|e\.g|i\.e|Sec|Secs|Fig|Figs|Eq|cf|vs)\.', r'\1', text)   # no sentence ends there
     for sentence in re.split(r'(?<=[.!?])\s+(?=[A-Z*])|\n\s*\n|\n\s*[-|]', text):
-        if CITATION.search(sentence):
+        if CITATION.search(sentence) or sentence.lstrip('*- ').startswith('For example'):
             continue
         for match in LITERAL.finditer(sentence):
             number = match.group(1)
@@ -428,14 +429,19 @@ def runs_named(text):
 
 
 def unbacked_in_answers(answers_text, runs):
-    """unbacked_numbers of each answer and section (not the references) whose runs were all given; an answer that
-    names no run is checked against all of them."""
+    """unbacked_numbers of each answer and section (not the references) whose runs were all given, against the runs
+    it names (an answer that names none, against all of them)."""
     answers, sections = parse_answers(answers_text)
     texts = [a.body + '\n\n' + '\n\n'.join(c for _, c in a.captions) for a in answers.values()]
     texts += [body for name, body in sections.items() if name not in ('References', 'Settings')]
     if 'Settings' in sections:   # its second column states the course template's settings, not a run's
         texts.append(re.sub(r'^(\|[^|\n]*\|)[^|\n]*\|', r'\1 |', sections['Settings'], flags=re.M))
-    return [u for t in texts if runs and runs_named(t) <= set(runs) for u in unbacked_numbers(t, runs)]
+    out = []
+    for text in texts:   # backed by the runs the text itself names (all of them when it names none)
+        named = runs_named(text)
+        if runs and named <= set(runs):
+            out += unbacked_numbers(text, {k: runs[k] for k in named} or runs)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ rendering
@@ -825,8 +831,8 @@ def render_pdf(story, out_path):
 
 
 def build(runs, answers_text, keys_text, out_path, answers_name='report/answers.md'):
-    """Write the PDF (atomically: the previous one is kept if writing fails); returns its Layout. Refuses, before
-    the slow work, an answer that states a number no run backs (unbacked_numbers)."""
+    """Write the PDF (atomically: the previous one is kept if writing fails); returns its Layout. Given every run,
+    refuses before the slow work an answer that states a number no run backs (unbacked_in_answers)."""
     from reportlab import rl_config
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import cm
@@ -837,9 +843,8 @@ def build(runs, answers_text, keys_text, out_path, answers_name='report/answers.
         problem = (f'{answers_name} states {number} ("{sentence}") and no given run backs it: cite the run with a '
                    f'placeholder ({{{{RUN.KEY}}}}, or {{{{= EXPR}}}} for a derived number), or the paper in the same '
                    f'sentence ({len(unbacked)} such numbers in all)')
-        if set(HOW_TO_RUN) <= set(runs):   # the whole report: refused
+        if set(HOW_TO_RUN) <= set(runs):   # the whole report; a draft of some runs cannot check the others' numbers
             raise UserError(problem)
-        print(f'warning: {problem}; a report of every run would be refused', file=sys.stderr)   # a draft
     rl_config.useA85 = 0   # binary image streams: ASCII85 text encoding would add a quarter to every figure
     fonts()
     styles = make_styles()
