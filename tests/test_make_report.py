@@ -215,6 +215,11 @@ def test_the_build_refuses_a_number_that_no_run_backs(two_runs, tmp_path, capsys
     bad = 'The kNN reached 57.3% here, and 2,893 nats.'
     assert [n for n, _ in make_report.unbacked_numbers(bad, runs)] == ['57.3', '2,893']
     assert [n for n, _ in make_report.unbacked_numbers('a share of 0.289 is 28.906%', runs)] == ['0.289']
+    assert make_report.unbacked_numbers('For example, an error of 0.123 costs 0.0076 nats.', runs) == []
+    # an answer's numbers are backed only by the runs it names: 30 is the VAE's epochs, not a SimSiam number
+    answer = '## 3.4 Q\n\nkNN {{simsiam.baseline.final_knn_top1}} after 30 epochs.\n'
+    assert [n for n, _ in make_report.unbacked_in_answers(answer, runs)] == ['30']
+    assert make_report.unbacked_in_answers(answer.replace('30', '3'), runs) == []
     answers = tmp_path / 'answers.md'
     answers.write_text('## 1.3a Time\n\nThe run took 123.4 s.\n')
     make_report.main(two_runs + ['--answers', str(answers), '--out', str(tmp_path / 'r.pdf')])   # a draft: built
