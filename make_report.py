@@ -80,7 +80,7 @@ RUN_TITLES = {'vae': 'VAE run', 'vae-wall': 'the VAE trained for the DDPM\'s wal
               'ddpm-probe': '2.3b: linear probe of frozen features', 'simsiam': 'SimSiam ablations (3.4, 3.5a, 3.5b)',
               'simsiam-questions': 'SimSiam: the written questions measured (3.5c to 3.9)'}
 PLACEHOLDER = re.compile(r'\{\{\s*([A-Za-z0-9_.-]+?)\s*(?::([^}]*))?\}\}')
-EMBED_DPI = 130   # the most pixels per inch a figure keeps in the PDF
+EMBED_DPI = 90   # the most pixels per inch a figure keeps in the PDF
 MISSING = '\x00'   # marks text that reports a missing run or number, rendered in red
 
 
@@ -546,7 +546,7 @@ def image_flowable(path, max_width, max_height):
     rgb.save(lossless, 'PNG')
     jpeg = io.BytesIO()
     rgb.save(jpeg, 'JPEG', quality=90)
-    source = jpeg if jpeg.tell() < len(zlib.compress(rgb.tobytes())) / 2 else lossless
+    source = jpeg if jpeg.tell() < len(zlib.compress(rgb.tobytes())) * 0.8 else lossless
     source.seek(0)
     return Image(source, width=w_pt * scale, height=h_pt * scale)
 
